@@ -1,0 +1,74 @@
+"""The LoRA-aware Dense layer every lora_jax model is built from.
+
+Without LoRA leaves it is exactly `flax.linen.Dense`. When `lora_wrap` has put `lora_a`/`lora_b`/`lora_scale`
+beside its kernel, it adds scale * (dropout(x) @ A) @ B: two thin matmuls, never the d_in x d_out product W + AB,
+so training pays for the rank-r path only. Whether the leaves exist is known when the function is traced, so a
+model without adapters compiles to the plain program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+class Dense(nn.Module):
+    """`y = x W + b`, plus LoRA's low-rank path where the params carry one.
+
+    slices: names of the equal-width output slices of a fused kernel (GPT-2's c_attn: ('q', 'k', 'v')); each
+        may carry its own adapter (`lora_a_q`, ...), as loralib's MergedLinear.
+    lora_dropout: dropout on the LoRA path's input (the paper's and PEFT's `lora_dropout`); needs a 'dropout'
+        rng when `deterministic` is False.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    slices: tuple[str, ...] = ()
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.dot(x, kernel, precision=self.precision)
+        if bias is not None:
+            y = y + bias
+
+        suffixes = [s for s in ("", *(f"_{name}" for name in self.slices)) if self._has(LORA_A + s)]
+        if not suffixes:
+            return y
+        h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic) if self.lora_dropout > 0 else x
+        if suffixes == [""]:
+            return y + self._low_rank(h, "", y.dtype)
+        width = self.features // len(self.slices)
+        parts = []
+        for i, name in enumerate(self.slices):
+            suffix = f"_{name}"
+            part = y[..., i * width : (i + 1) * width]
+            parts.append(part + self._low_rank(h, suffix, y.dtype) if suffix in suffixes else part)
+        return jnp.concatenate(parts, axis=-1)
+
+    def _has(self, name: str) -> bool:
+        return self.has_variable("params", name)
+
+    def _low_rank(self, h: jax.Array, suffix: str, dtype: Dtype) -> jax.Array:
+        a = self.get_variable("params", LORA_A + suffix).astype(dtype)
+        b = self.get_variable("params", LORA_B + suffix).astype(dtype)
+        scale = self.get_variable("params", LORA_SCALE + suffix).astype(dtype)
+        # Scale the r-wide intermediate, not the d_out-wide result: same value, fewer multiplies.
+        return jnp.dot(jnp.dot(h, a, precision=self.precision) * scale, b, precision=self.precision)

@@ -1,0 +1,481 @@
+"""LoRA as a transform of a parameter pytree (Hu et al. 2021, arXiv 2106.09685).
+
+A frozen weight W (d_in x d_out) is adapted by a low-rank product: W x -> W x + (alpha / r) * B A x. In the
+row-vector convention Flax uses (y = x @ W), that is y = x @ W + scale * (x @ A) @ B with
+
+    A: lora_a  (d_in x r)   random init, so that gradients reach B from the first step
+    B: lora_b  (r x d_out)  zeros, so that the adapted model starts exactly at the pretrained one
+
+`lora_wrap` adds these leaves (and a scalar `lora_scale`) beside each targeted `kernel`; the model's LoRA-aware
+Dense (`lora_jax.layers.Dense`) sees them and adds the low-rank path. Nothing here knows about any model family:
+a target is a pattern over the dotted path of a module, e.g. `encoder.layer.3.attention.self.query`.
+
+A fused kernel (GPT-2's `c_attn` holds q|k|v side by side) is described by `LoraConfig.fused`; its slices
+become virtual child modules (`...c_attn.q`), each adaptable on its own, like loralib's MergedLinear.
+
+Everything below is a pure function of pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Mapping[str, Any]
+
+LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
+LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
+LORA_PREFIX = "lora_"
+ALL_LINEAR = "all-linear"
+
+
+class LoraError(ValueError):
+    """Bad LoRA configuration or parameters; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    targets: patterns over dotted module paths. A pattern is a regular expression that must match a whole
+        trailing part of the path, starting at a component boundary: `query` matches `...self.query`,
+        `attention.*dense` matches `...attention.output.dense`. `"all-linear"` adapts every 2-D kernel except
+        those under `exclude`.
+    init: `"kaiming"` (uniform +-1/sqrt(d_in) for A, as loralib and PEFT do) or `"gaussian"` (N(0, 1/r) for A,
+        the paper's "random Gaussian"). B is always zero.
+    rslora: scale by alpha/sqrt(r) (Kalajdzievas 2023) instead of alpha/r.
+    train_also: patterns of non-LoRA leaves that stay trainable (e.g. the classification head). A pattern
+        matches any leaf whose dotted path contains it as a run of whole components: `classifier` matches
+        `classifier.out_proj.kernel`.
+    bias: `"none"`, `"all"` (every bias trains) or `"lora_only"` (biases of adapted modules train), as in loralib.
+    fused: fused kernels split into equal output slices, `{module pattern: slice names}`, e.g.
+        `{"c_attn": ("q", "k", "v")}`; target a slice as `c_attn.q` (or by its name alone, `q`).
+    rank_pattern / alpha_pattern: per-target overrides `{pattern: r}` / `{pattern: alpha}`; the first pattern
+        that matches a module path wins.
+    exclude: module patterns never adapted (applies to every target, and is what keeps heads out of
+        `all-linear`).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.0
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    rslora: bool = False
+    train_also: tuple[str, ...] = ()
+    bias: Literal["none", "all", "lora_only"] = "none"
+    fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    exclude: tuple[str, ...] = ("classifier", "lm_head", "score")
+
+    def __post_init__(self) -> None:
+        # Accept lists (Hydra/JSON give lists) but store tuples so the config stays hashable.
+        for name in ("targets", "train_also", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "fused", {k: tuple(v) for k, v in dict(self.fused).items()})
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        _check_rank(self.r, "r")
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(rank, f"rank_pattern[{pattern!r}]")
+        for pattern, alpha in [("alpha", self.alpha), *self.alpha_pattern.items()]:
+            if not alpha > 0:
+                raise LoraError(f"LoRA {pattern} must be > 0, got {alpha}; the paper uses alpha = r (or 2r).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+        if self.init not in ("kaiming", "gaussian"):
+            raise LoraError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise LoraError(f"LoRA bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if not self.targets:
+            raise LoraError("LoRA targets is empty; name at least one module, e.g. targets=['query', 'value'].")
+
+    def rank_for(self, module_path: str) -> int:
+        return next((r for p, r in self.rank_pattern.items() if matches_module(p, module_path)), self.r)
+
+    def scale_for(self, module_path: str) -> float:
+        r = self.rank_for(module_path)
+        alpha = next((a for p, a in self.alpha_pattern.items() if matches_module(p, module_path)), self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LoraError(f"Unknown LoraConfig fields {unknown}; valid fields are {sorted(known)}.")
+        return cls(**d)
+
+
+def _check_rank(r: Any, name: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+        raise LoraError(f"LoRA {name} must be a positive integer, got {r!r}; the paper uses r in 1..64.")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and patterns
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def matches_module(pattern: str, module_path: str) -> bool:
+    """True if `pattern` matches a trailing run of whole components of `module_path` (PEFT's suffix rule)."""
+    return re.search(rf"(?:^|\.)(?:{pattern})$", module_path) is not None
+
+
+def matches_leaf(pattern: str, leaf_path: str) -> bool:
+    """True if `pattern` matches a run of whole components anywhere in `leaf_path`."""
+    return re.search(rf"(?:^|\.)(?:{pattern})(?:\.|$)", leaf_path) is not None
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
+    """(dotted path, leaf) for every leaf, in pytree order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in flat]
+
+
+def _modules_with_kernels(tree: Params, prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(module path, module dict) for every dict that holds a 2-D `kernel` leaf."""
+    for name, child in tree.items():
+        path = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(child, Mapping):
+            kernel = child.get("kernel")
+            if kernel is not None and not isinstance(kernel, Mapping) and np.ndim(kernel) == 2:
+                yield path, child
+            yield from _modules_with_kernels(child, path)
+
+
+def _lora_suffixes(module: Mapping[str, Any]) -> list[str]:
+    """'' for a whole-kernel adapter, '_q' etc. for adapted slices of a fused kernel."""
+    return sorted(k[len(LORA_A) :] for k in module if k.startswith(LORA_A))
+
+
+def is_lora_leaf(path: str) -> bool:
+    return path.rsplit(".", 1)[-1].startswith(LORA_PREFIX)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrapping
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    module_path: str  # dotted path of the module holding the kernel
+    slice_name: str | None  # None: the whole kernel
+    slice_index: int
+    num_slices: int
+
+    @property
+    def name(self) -> str:
+        return self.module_path if self.slice_name is None else f"{self.module_path}.{self.slice_name}"
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.slice_name is None else f"_{self.slice_name}"
+
+
+def _find_targets(params: Params, config: LoraConfig) -> list[tuple[_Target, Mapping[str, Any]]]:
+    found = []
+    for module_path, module in _modules_with_kernels(params):
+        if any(matches_module(p, module_path) for p in config.exclude):
+            continue
+        slices = next((s for p, s in config.fused.items() if matches_module(p, module_path)), ())
+        whole = _Target(module_path, None, 0, 1)
+        if ALL_LINEAR in config.targets or any(matches_module(t, module_path) for t in config.targets):
+            found.append((whole, module))
+            continue
+        for i, s in enumerate(slices):
+            part = _Target(module_path, s, i, len(slices))
+            if any(matches_module(t, part.name) for t in config.targets):
+                found.append((part, module))
+    return found
+
+
+def available_kernels(params: Params, config: LoraConfig | None = None) -> list[str]:
+    """Every module path a target could name (fused slices included), for error messages and discovery."""
+    fused = config.fused if config is not None else {}
+    names = []
+    for module_path, _ in _modules_with_kernels(params):
+        names.append(module_path)
+        slices = next((s for p, s in fused.items() if matches_module(p, module_path)), ())
+        names.extend(f"{module_path}.{s}" for s in slices)
+    return names
+
+
+def _summarise(paths: Sequence[str], limit: int = 12) -> str:
+    # Collapse layer indices so a 24-layer model lists each kind of kernel once.
+    kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".<i>.", p) for p in paths))
+    more = f", ... ({len(kinds) - limit} more)" if len(kinds) > limit else ""
+    return ", ".join(kinds[:limit]) + more
+
+
+def lora_wrap(params: Params, config: LoraConfig, rng: jax.Array) -> dict[str, Any]:
+    """Add `lora_a`, `lora_b`, `lora_scale` beside every targeted kernel; leave every other leaf as it is.
+
+    The init of each adapter depends only on `rng` and its own path, so adding a target does not change the
+    others. Untouched subtrees are returned as the same objects.
+    """
+    if any(is_lora_leaf(p) for p, _ in leaf_paths(params)):
+        raise LoraError("These params already carry LoRA leaves; wrap the base params (or `merge` them first).")
+    targets = _find_targets(params, config)
+    if not targets:
+        raise LoraError(
+            f"LoRA targets {list(config.targets)} match no kernel; available: "
+            f"{_summarise(available_kernels(params, config))}."
+        )
+    unmatched = [
+        t
+        for t in config.targets
+        if t != ALL_LINEAR and not any(matches_module(t, target.name) for target, _ in targets)
+    ]
+    if unmatched:
+        raise LoraError(
+            f"LoRA targets {unmatched} match no kernel; available: "
+            f"{_summarise(available_kernels(params, config))}."
+        )
+
+    additions: dict[str, dict[str, jax.Array]] = {}
+    for target, module in targets:
+        kernel = module["kernel"]
+        d_in, d_out = kernel.shape
+        if d_out % target.num_slices:
+            raise LoraError(
+                f"{target.module_path}: width {d_out} does not split into {target.num_slices} equal slices; "
+                "fix LoraConfig.fused."
+            )
+        d_out //= target.num_slices
+        r = config.rank_for(target.name)
+        if r > min(d_in, d_out):
+            raise LoraError(
+                f"LoRA rank {r} exceeds min(d_in, d_out) = {min(d_in, d_out)} for {target.name}; "
+                f"use r <= {min(d_in, d_out)}."
+            )
+        key = jax.random.fold_in(rng, zlib.crc32(target.name.encode()))
+        dtype = kernel.dtype
+        if config.init == "kaiming":
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key, (d_in, r), jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(key, (d_in, r), jnp.float32) / r
+        leaves = additions.setdefault(target.module_path, {})
+        leaves[LORA_A + target.suffix] = a.astype(dtype)
+        leaves[LORA_B + target.suffix] = jnp.zeros((r, d_out), dtype)
+        leaves[LORA_SCALE + target.suffix] = jnp.asarray(config.scale_for(target.name), jnp.float32)
+        if target.slice_name is not None:
+            leaves[LORA_SLICE + target.suffix] = jnp.asarray(target.slice_index, jnp.int32)
+    return _insert(params, additions)
+
+
+def _insert(tree: Params, additions: Mapping[str, Mapping[str, Any]], prefix: str = "") -> dict[str, Any]:
+    """Copy only the dicts on the way to modules that gain leaves; share everything else."""
+    out = {}
+    for name, child in tree.items():
+        path = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(child, Mapping) and any(m == path or m.startswith(path + ".") for m in additions):
+            child = _insert(child, additions, path)
+            if path in additions:
+                child = {**child, **additions[path]}
+        out[name] = child
+    return out
+
+
+def lora_params(params: Params) -> dict[str, Any]:
+    """Only the LoRA leaves, as a nested dict (the adapter)."""
+    return _filter(params, lambda path: is_lora_leaf(path))
+
+
+def strip_lora(params: Params) -> dict[str, Any]:
+    """Params without any LoRA leaves (the base model's structure)."""
+    return _filter(params, lambda path: not is_lora_leaf(path))
+
+
+def _filter(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, child in tree.items():
+        path = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(child, Mapping):
+            sub = _filter(child, keep, path)
+            if sub:
+                out[name] = sub
+        elif keep(path):
+            out[name] = child
+    return out
+
+
+def combine(base: Params, extra: Params) -> dict[str, Any]:
+    """Deep-merge two nested dicts (e.g. base params and an adapter); `extra` wins on clashes."""
+    out = dict(base)
+    for name, child in extra.items():
+        if isinstance(child, Mapping) and isinstance(out.get(name), Mapping):
+            out[name] = combine(out[name], child)
+        else:
+            out[name] = child
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which leaves train
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def trainable_mask(params: Params, config: LoraConfig | None = None) -> Any:
+    """A bool pytree: True for the leaves that train (LoRA A/B, `train_also`, biases per `config.bias`)."""
+    adapted = {p.rsplit(".", 1)[0] for p, _ in leaf_paths(params) if p.rsplit(".", 1)[-1].startswith(LORA_A)}
+
+    def trains(path: str) -> bool:
+        name = path.rsplit(".", 1)[-1]
+        if name.startswith((LORA_SCALE, LORA_SLICE)):
+            return False
+        if name.startswith(LORA_PREFIX):
+            return True
+        if config is None:
+            return False
+        if any(matches_leaf(p, path) for p in config.train_also):
+            return True
+        if name == "bias":
+            return config.bias == "all" or (config.bias == "lora_only" and path.rsplit(".", 1)[0] in adapted)
+        return False
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [".".join(_key_name(k) for k in path) for path, _ in flat]
+    return jax.tree_util.tree_unflatten(treedef, [trains(p) for p in paths])
+
+
+def partition(params: Params, mask: Any) -> tuple[Any, Any]:
+    """Split params into (trainable, frozen) trees with `None` in the other's places.
+
+    Differentiating a loss with respect to the trainable half only means XLA never computes the gradients of
+    frozen weights (the dW = x^T dy products), which is most of LoRA's saving.
+    """
+    trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    return trainable, frozen
+
+
+def unpartition(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `partition`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+def lora_optimizer(tx: optax.GradientTransformation, params: Params, config: LoraConfig | None = None):
+    """`tx` on the trainable leaves, `set_to_zero` on the rest, so frozen leaves never change and carry no state."""
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask(params, config))
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merging for inference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _delta(module: Mapping[str, Any], suffix: str) -> jax.Array:
+    a = jnp.asarray(module[LORA_A + suffix], jnp.float32)
+    b = jnp.asarray(module[LORA_B + suffix], jnp.float32)
+    return jnp.asarray(module[LORA_SCALE + suffix], jnp.float32) * (a @ b)
+
+
+def _fold(params: Params, adapter: Params, sign: float) -> dict[str, Any]:
+    out = {}
+    for name, child in params.items():
+        sub = adapter.get(name) if isinstance(adapter, Mapping) else None
+        if not isinstance(child, Mapping) or not isinstance(sub, Mapping):
+            if not (isinstance(name, str) and name.startswith(LORA_PREFIX)):
+                out[name] = child
+            continue
+        child = _fold(child, sub, sign)
+        suffixes = _lora_suffixes(sub)
+        if suffixes:
+            kernel = jnp.asarray(child["kernel"])
+            w = kernel.astype(jnp.float32)
+            for suffix in suffixes:
+                delta = _delta(sub, suffix)
+                if suffix == "":
+                    w = w + sign * delta
+                else:
+                    width = delta.shape[1]
+                    start = jnp.asarray(sub[LORA_SLICE + suffix], jnp.int32) * width
+                    part = jax.lax.dynamic_slice_in_dim(w, start, width, axis=1)
+                    w = jax.lax.dynamic_update_slice_in_dim(w, part + sign * delta, start, axis=1)
+            child = {**child, "kernel": w.astype(kernel.dtype)}
+        out[name] = child
+    return out
+
+
+def merge(params: Params) -> dict[str, Any]:
+    """Fold W + scale * A B into each adapted kernel (in float32) and drop the LoRA leaves.
+
+    The result has the base model's exact structure: it runs on the plain model with no extra work and can be
+    exported as an ordinary checkpoint. `unmerge(merged, lora_params(params))` takes the adapter back out.
+    """
+    return _fold(params, lora_params(params), +1.0)
+
+
+def unmerge(merged: Params, adapter: Params) -> dict[str, Any]:
+    """Subtract the adapter's low-rank update from merged kernels and put the LoRA leaves back."""
+    return combine(_fold(merged, adapter, -1.0), adapter)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
+            f"|| trainable%: {self.percent:.4f}"
+        )
+
+
+def count_params(params: Params, config: LoraConfig | None = None) -> ParamCount:
+    """Trainable and total parameter counts (LoRA scales are bookkeeping, not parameters)."""
+    mask = trainable_mask(params, config)
+    trainable = total = 0
+    for (path, leaf), (_, m) in zip(leaf_paths(params), leaf_paths(mask), strict=True):
+        name = path.rsplit(".", 1)[-1]
+        if name.startswith((LORA_SCALE, LORA_SLICE)):
+            continue
+        n = int(np.prod(np.shape(leaf)))
+        total += n
+        trainable += n if m else 0
+    return ParamCount(trainable, total)
