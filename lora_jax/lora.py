@@ -235,7 +235,7 @@ def available_kernels(params: Params, config: LoraConfig | None = None) -> list[
 
 def _summarise(paths: Sequence[str], limit: int = 12) -> str:
     # Collapse layer indices so a 24-layer model lists each kind of kernel once.
-    kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".<i>.", p) for p in paths))
+    kinds = list(dict.fromkeys(re.sub(r"(?<=[._])\d+(?=\.|$)", "<i>", p) for p in paths))
     more = f", ... ({len(kinds) - limit} more)" if len(kinds) > limit else ""
     return ", ".join(kinds[:limit]) + more
 

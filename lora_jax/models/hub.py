@@ -1,0 +1,187 @@
+"""Hugging Face checkpoint folders <-> (Flax module, params): the plumbing every model family shares.
+
+A family file (see `lora_jax.models` for its contract) knows its architecture and key names; this file knows
+folders, hub downloads, safetensors/pickle files and tokenizers. Adding a family is one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lora_jax.lora import LoraConfig, leaf_paths, merge
+
+log = logging.getLogger(__name__)
+
+# HF config.json model_type -> the module implementing it (imported only when used).
+FAMILIES = {
+    "bert": "lora_jax.models.bert",
+    "roberta": "lora_jax.models.bert",
+    "deberta-v2": "lora_jax.models.deberta",
+    "gpt2": "lora_jax.models.gpt2",
+}
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
+
+
+def family(model_type: str) -> ModuleType:
+    if model_type not in FAMILIES:
+        raise ValueError(f"Unsupported model_type {model_type!r}; lora_jax supports {sorted(FAMILIES)}.")
+    return importlib.import_module(FAMILIES[model_type])
+
+
+def family_of(config: Any) -> ModuleType:
+    """The family module that defines this Config class."""
+    return importlib.import_module(type(config).__module__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; a hub id via the local cache or a download (HF_HUB_OFFLINE=1: cache only)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a local folder nor a reachable hub model ({type(e).__name__}); "
+            f"download it first (`huggingface-cli download {name_or_path}`) or pass the folder's path."
+        ) from None
+
+
+def load_state(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint folder, as numpy arrays in torch layout."""
+    if (folder / WEIGHTS).exists():
+        return _read_safetensors([folder / WEIGHTS])
+    if (folder / WEIGHTS_INDEX).exists():
+        shards = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        return _read_safetensors([folder / s for s in shards])
+    torch_files = [folder / TORCH_WEIGHTS] if (folder / TORCH_WEIGHTS).exists() else []
+    if (folder / TORCH_WEIGHTS_INDEX).exists():
+        shards = json.loads((folder / TORCH_WEIGHTS_INDEX).read_text())["weight_map"].values()
+        torch_files = [folder / s for s in sorted(set(shards))]
+    if torch_files:
+        return _read_torch(torch_files)
+    raise FileNotFoundError(f"No {WEIGHTS} or {TORCH_WEIGHTS} in {folder}.")
+
+
+def _read_safetensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
+    state = {}
+    for file in files:
+        with safe_open(file, framework="np") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return state
+
+
+def _read_torch(files: Sequence[Path]) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{files[0].name} is a torch pickle and torch is not installed; convert it to safetensors "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True)) or install torch."
+        ) from None
+    state = {}
+    for file in files:
+        for k, v in torch.load(file, map_location="cpu", weights_only=True).items():
+            state[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    return state
+
+
+def load_tokenizer(folder: Path) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model")
+    if not any((folder / n).exists() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    task: str = "base",
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    **config_overrides: Any,
+) -> tuple[Any, dict[str, Any], Any, Any]:
+    """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
+
+    Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and named
+    in one log line. `config_overrides` replace Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`.
+    """
+    folder = resolve(name_or_path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"No config.json in {folder}; is it a Hugging Face model folder?")
+    hf = json.loads(config_file.read_text())
+    fam = family(hf.get("model_type", "<missing>"))
+    config = fam.config_from_hf(hf, task, num_labels)
+    valid = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(config_overrides) - valid)
+    if unknown:
+        raise TypeError(f"Unknown config overrides {unknown}; {type(config).__module__}.Config has {sorted(valid)}.")
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    params, new = fam.params_from_hf(load_state(folder), config, task)
+    if new:
+        log.warning("newly initialised: %s", ", ".join(new))
+    return fam.build(config, task), params, load_tokenizer(folder), config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def to_pretrained(
+    module_or_config: Any, params: Mapping[str, Any], out_dir: str | os.PathLike, task: str, tokenizer: Any = None
+) -> Path:
+    """Write config.json + model.safetensors that transformers' AutoModel classes load; LoRA merged in first."""
+    config = getattr(module_or_config, "config", module_or_config)
+    fam = family_of(config)
+    if any(p.rsplit(".", 1)[-1].startswith("lora_") for p, _ in leaf_paths(params)):
+        params = merge(params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: _storable(v) for k, v in fam.params_to_hf(params, config, task).items()}
+    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(fam.config_to_hf(config, task), indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _storable(value: Any) -> np.ndarray:
+    value = np.ascontiguousarray(np.asarray(value))
+    return value.astype(np.float32) if value.dtype == np.float64 else value
+
+
+def lora_config(model_type: str, targets: Sequence[str] = ("q", "v"), **kw: Any) -> LoraConfig:
+    """A LoraConfig for a family, with the paper's names (q, k, v, o, mlp) expanded to its module patterns."""
+    fam = family(model_type)
+    expanded = tuple(fam.LORA_TARGETS.get(t, t) for t in ([targets] if isinstance(targets, str) else targets))
+    kw.setdefault("fused", getattr(fam, "FUSED", {}))
+    return LoraConfig(targets=expanded, **kw)
