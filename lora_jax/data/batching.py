@@ -1,9 +1,9 @@
 """Batches of token arrays with few distinct shapes, reproducible shuffling, and weights for padding.
 
 A dataset is a dict of numpy arrays sharing the leading dimension (what `glue.tokenize` returns), with
-`attention_mask` right-padded. Every batch has exactly `batch_size` rows (rounded up to a multiple of the device
-count) and a length from a short list of buckets, so a jitted step compiles once per bucket. Rows added to fill
-a batch copy a real row and carry `weights == 0`: losses and metrics must weight by `weights`.
+`attention_mask` right-padded. Every batch has exactly `batch_size` rows (rounded up to a multiple of the
+device count) and a length from a short list of buckets, so a jitted step compiles once per bucket. Rows added
+to fill a batch copy a real row and carry `weights == 0`: losses and metrics must weight by `weights`.
 
 Shuffling is a pure function of (seed, epoch): a run resumed at batch k of an epoch replays the same batches.
 """
@@ -21,7 +21,7 @@ Dataset = Mapping[str, np.ndarray]
 
 
 def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to max_len, plus max_len: 128 -> (16, 32, 64, 128); 100 -> (16, 32, 64, 100)."""
+    """Powers of two from `smallest` below max_len, then max_len: 100 -> (16, 32, 64, 100)."""
     buckets, b = [], smallest
     while b < max_len:
         buckets.append(b)
@@ -38,7 +38,7 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     for b in sorted(buckets):
         if b >= length:
             return b
-    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}: add a larger bucket")
+    raise ValueError(f"a sequence of {length} tokens exceeds the largest bucket {max(buckets)}: add a bucket")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -61,7 +61,12 @@ def take(dataset: Dataset, indices: np.ndarray, rows: int, buckets: Sequence[int
 
 
 def epoch_plan(
-    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool_batches: int = 50, drop_last: bool = False
+    lengths: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    pool_batches: int = 50,
+    drop_last: bool = False,
 ) -> list[np.ndarray]:
     """Row indices of each batch of one epoch.
 

@@ -75,7 +75,10 @@ TASKS: dict[str, GlueTask] = {
             "cola", "CoLA", ("sentence",), ("sentence",), "label", ("unacceptable", "acceptable"),
             ("mcc",), "mcc", tsv_headerless=(3, 1),
         ),
-        GlueTask("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive"), _ACC, "accuracy"),
+        GlueTask(
+            "sst2", "SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive"),
+            _ACC, "accuracy",
+        ),
         # MRPC header: Quality, #1 ID, #2 ID, #1 String, #2 String (starts with a UTF-8 BOM).
         GlueTask(
             "mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
@@ -116,7 +119,7 @@ TASKS: dict[str, GlueTask] = {
 
 @dataclasses.dataclass(frozen=True)
 class GlueSplit:
-    """The rows of one split: texts and labels (int32 class ids, float32 scores for STS-B, -1 when unknown)."""
+    """The rows of one split: texts, and labels (int32 class ids; float32 scores for STS-B; -1: unknown)."""
 
     task: str
     split: str
@@ -136,11 +139,12 @@ def get_task(task: str) -> GlueTask:
 
 def _check_split(spec: GlueTask, split: str) -> None:
     if split not in spec.splits:
-        raise ValueError(f"GLUE task {spec.name!r} has no split {split!r}; choose one of {', '.join(spec.splits)}")
+        choices = ", ".join(spec.splits)
+        raise ValueError(f"GLUE task {spec.name!r} has no split {split!r}; choose one of {choices}")
 
 
 def _tsv_name(split: str) -> str:
-    """train -> train.tsv, validation -> dev.tsv, validation_matched -> dev_matched.tsv, test_x -> test_x.tsv"""
+    """train -> train.tsv, validation -> dev.tsv, validation_matched -> dev_matched.tsv"""
     return split.replace("validation", "dev") + ".tsv"
 
 
@@ -177,7 +181,7 @@ def read_glue_tsv(path: str | os.PathLike, spec: GlueTask) -> tuple[list[list[st
     needed = max(positions + ([label_at] if label_at is not None else []))
     for line, row in enumerate(rows, start=2):
         if len(row) <= needed:
-            raise ValueError(f"{path}: row {line} has {len(row)} fields, needs {needed + 1}; is the file intact?")
+            raise ValueError(f"{path}: row {line} has {len(row)} fields, needs {needed + 1}; is it intact?")
     texts = [[row[p] for row in rows] for p in positions]
     return texts, _label_array(spec, [row[label_at] if label_at is not None else None for row in rows])
 
@@ -204,7 +208,9 @@ def _read_hub(spec: GlueTask, split: str) -> tuple[list[list[str]], np.ndarray]:
     return [ds[c] for c in spec.text_columns], _label_array(spec, ds["label"])
 
 
-def load_glue(task: str, split: str, data_dir: str | os.PathLike | None = None, source: str = "auto") -> GlueSplit:
+def load_glue(
+    task: str, split: str, data_dir: str | os.PathLike | None = None, source: str = "auto"
+) -> GlueSplit:
     """Rows of one GLUE split.
 
     data_dir falls back to $LORA_JAX_GLUE_DIR; with neither, rows come from the hub. source "auto" prefers the
@@ -245,9 +251,7 @@ def tokenize(rows: GlueSplit, tokenizer: Any, max_len: int) -> dict[str, np.ndar
     Returns int32 input_ids, attention_mask, token_type_ids (when the tokenizer makes them) of shape
     (n, max_len), and labels. Batching later crops each batch to a short bucket length.
     """
-    enc = tokenizer(
-        rows.text_a, rows.text_b, truncation=True, max_length=max_len, padding=False, return_attention_mask=True
-    )
+    enc = tokenizer(rows.text_a, rows.text_b, truncation=True, max_length=max_len, return_attention_mask=True)
     pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
     out = {}
     for key, pad in pad_values.items():

@@ -1,4 +1,4 @@
-"""GLUE metrics as the LoRA paper reports them, computed by sklearn/scipy (the same calls HF `evaluate` makes).
+"""GLUE metrics as the LoRA paper reports them, computed by sklearn/scipy (the calls HF `evaluate` makes).
 
 Values are fractions (0.912), not percentages. MRPC/QQP F1 is binary F1 of class 1 (equivalent / duplicate).
 """
