@@ -86,7 +86,9 @@ def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = No
             f"position_embedding_type={hf['position_embedding_type']!r} is not supported; only 'absolute'."
         )
     if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+        raise ValueError(
+            f"hidden_act={hf['hidden_act']!r} is not supported; use one of {sorted(ACTIVATIONS)}"
+        )
     if num_labels is None:
         num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
     fields = {f.name for f in dataclasses.fields(Config)} - {"dtype", "param_dtype", "lora_dropout", "remat"}
@@ -114,9 +116,9 @@ def _check_task(task: str) -> None:
         raise ValueError(f"BERT/RoBERTa support tasks {TASKS}, got {task!r}.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Modules
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _dense(config: Config, features: int, name: str) -> Dense:
@@ -136,7 +138,7 @@ def _layer_norm(config: Config, name: str = "LayerNorm") -> nn.LayerNorm:
 
 def position_ids(config: Config, input_ids: jax.Array) -> jax.Array:
     if config.model_type == "roberta":
-        # transformers' create_position_ids_from_input_ids: pads keep padding_idx, real tokens count from it + 1.
+        # As transformers' create_position_ids_from_input_ids: pads keep padding_idx, tokens count on from it.
         real = (input_ids != config.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(real, axis=1) * real + config.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -304,8 +306,9 @@ class Model(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         out = Backbone(c, name=c.prefix)(input_ids, attention_mask, token_type_ids, deterministic)
         if self.task == "sequence-classification":
+            x = out["last_hidden_state"]
             if c.model_type == "roberta":
-                logits = RobertaClassificationHead(c, name="classifier")(out["last_hidden_state"], deterministic)
+                logits = RobertaClassificationHead(c, name="classifier")(x, deterministic)
             else:
                 pooled = nn.Dropout(_classifier_dropout(c))(out["pooler_output"], deterministic=deterministic)
                 logits = _dense(c, c.num_labels, "classifier")(pooled, deterministic)
@@ -318,9 +321,9 @@ def build(config: Config, task: str = "base") -> Model:
     return Model(config, task)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checkpoint conversion
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -364,11 +367,11 @@ def params_from_hf(
     """HF state dict (torch layout) -> nested params; heads the checkpoint lacks are initialised fresh."""
     state = _normalise_keys(state, config)
     flat, new = {}, []
-    for path, (shape, dtype) in param_shapes(config, task).items():
+    for path, (shape, _) in param_shapes(config, task).items():
         key = _hf_key(path)
         if key not in state:
             if not any(h in path.split(".") for h in HEADS):
-                raise KeyError(f"checkpoint has no weight {key!r} (needed for {path}); is it a {config.model_type}?")
+                raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a {config.model_type}?")
             flat[path] = _fresh(path, shape, config.param_dtype, config, seed)
             new.append(path.rsplit(".", 1)[0])
             continue
@@ -376,7 +379,7 @@ def params_from_hf(
         if path.endswith(".kernel"):
             value = value.T
         if value.shape != shape:
-            raise ValueError(f"checkpoint weight {key!r} has shape {value.shape}, the config expects {shape}.")
+            raise ValueError(f"checkpoint weight {key!r} has shape {value.shape}; the config expects {shape}")
         flat[path] = jnp.asarray(value, config.param_dtype)
     return _unflatten(flat), list(dict.fromkeys(new))
 

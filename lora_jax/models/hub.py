@@ -50,9 +50,9 @@ def family_of(config: Any) -> ModuleType:
     return importlib.import_module(type(config).__module__)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reading
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -112,7 +112,14 @@ def _read_torch(files: Sequence[Path]) -> dict[str, np.ndarray]:
 
 
 def load_tokenizer(folder: Path) -> Any:
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model")
+    names = (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "vocab.json",
+        "spm.model",
+        "spiece.model",
+    )
     if not any((folder / n).exists() for n in names):
         return None
     from transformers import AutoTokenizer
@@ -143,7 +150,7 @@ def from_pretrained(
     valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(config_overrides) - valid)
     if unknown:
-        raise TypeError(f"Unknown config overrides {unknown}; {type(config).__module__}.Config has {sorted(valid)}.")
+        raise TypeError(f"Unknown config overrides {unknown}; valid fields: {sorted(valid)}.")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     params, new = fam.params_from_hf(load_state(folder), config, task)
     if new:
@@ -151,15 +158,19 @@ def from_pretrained(
     return fam.build(config, task), params, load_tokenizer(folder), config
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Writing
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def to_pretrained(
-    module_or_config: Any, params: Mapping[str, Any], out_dir: str | os.PathLike, task: str, tokenizer: Any = None
+    module_or_config: Any,
+    params: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    task: str,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write config.json + model.safetensors that transformers' AutoModel classes load; LoRA merged in first."""
+    """Write config.json + model.safetensors that transformers' AutoModel classes load (LoRA merged in)."""
     config = getattr(module_or_config, "config", module_or_config)
     fam = family_of(config)
     if any(p.rsplit(".", 1)[-1].startswith("lora_") for p, _ in leaf_paths(params)):
