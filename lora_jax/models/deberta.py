@@ -1,0 +1,534 @@
+"""DeBERTa-v2/v3 (He et al. 2021) in Flax, matching transformers' `DebertaV2Model` and its sequence classifier.
+
+What sets DeBERTa apart from BERT is disentangled attention: content and position are separate vectors, and a
+score is content->content + content->position (c2p) + position->content (p2c), each term scaled by
+1/sqrt(d * number_of_terms). Positions are relative, i - j, looked up in one table of 2k embeddings shared by
+all layers; v3 log-buckets distances beyond k/2 (`position_buckets`) and reuses the query/key projections for
+the positions (`share_att_key`). The LoRA paper adapts DeBERTa XXL's query and value projections.
+
+The param tree mirrors Hugging Face module names (`deberta.encoder.layer.0.attention.self.query_proj.kernel`),
+so checkpoints, LoRA targets and PEFT adapter keys translate one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.layers import Dense
+from lora_jax.lora import is_lora_leaf, leaf_paths
+
+MODEL_TYPES = ("deberta-v2",)
+LORA_TARGETS = {
+    "q": "attention.self.query_proj",
+    "k": "attention.self.key_proj",
+    "v": "attention.self.value_proj",
+    "o": "attention.output.dense",
+    "mlp": r"intermediate.dense|layer.\d+.output.dense",
+}
+FUSED: dict[str, tuple[str, ...]] = {}
+TASKS = ("base", "sequence-classification")
+HEADS = ("pooler", "classifier")  # top-level params a backbone checkpoint may lack
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int = 128100
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-7
+    pad_token_id: int = 0
+    embedding_size: int | None = None  # None: hidden_size (no embed_proj)
+    position_biased_input: bool = True
+    relative_attention: bool = False
+    max_relative_positions: int = -1  # < 1: max_position_embeddings
+    position_buckets: int = -1  # <= 0: no log-bucketing
+    pos_att_type: tuple[str, ...] = ()
+    share_att_key: bool = False
+    norm_rel_ebd: str = "none"
+    attention_head_size: int | None = None  # None: hidden_size // num_attention_heads
+    conv_kernel_size: int = 0  # > 0: DeBERTa-v2's ConvLayer after the first layer
+    conv_groups: int = 1
+    conv_act: str = "tanh"
+    pooler_hidden_size: int | None = None  # None: hidden_size
+    pooler_hidden_act: str = "gelu"
+    pooler_dropout: float = 0.0
+    cls_dropout: float | None = None  # None: hidden_dropout_prob
+    num_labels: int = 2
+    dtype: Any = "float32"  # compute dtype
+    param_dtype: Any = "float32"
+    lora_dropout: float = 0.0
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        pos_att_type = self.pos_att_type
+        if isinstance(pos_att_type, str):  # old configs spell it "p2c|c2p"
+            pos_att_type = pos_att_type.split("|")
+        object.__setattr__(self, "pos_att_type", tuple(t.strip().lower() for t in pos_att_type or ()))
+        unknown = set(self.pos_att_type) - {"c2p", "p2c"}
+        if unknown:
+            raise ValueError(f"pos_att_type {sorted(unknown)} is not supported; use a subset of ['c2p', 'p2c'].")
+        for act in (self.hidden_act, self.pooler_hidden_act, self.conv_act):
+            if act not in ACTIVATIONS:
+                raise ValueError(f"Activation {act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+        if self.head_dim * self.num_attention_heads != self.hidden_size:
+            raise ValueError(
+                f"num_attention_heads * attention_head_size must equal hidden_size ({self.hidden_size}); "
+                "fix the config."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_head_size or self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_relative(self) -> int:
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
+    def attention_span(self) -> int:
+        """k: relative distances are clipped to [-k, k) and the shared table has 2k rows."""
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative
+
+    @property
+    def scale_factor(self) -> int:
+        # HF counts the terms from pos_att_type even when relative_attention is off; so do we.
+        return 1 + len(self.pos_att_type)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Relative positions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def log_bucket_position(relative: jax.Array, bucket_size: int, max_position: int) -> jax.Array:
+    """Keep distances below bucket_size/2 exact; map longer ones logarithmically up to max_position."""
+    mid = bucket_size // 2
+    sign = jnp.sign(relative)
+    near = (relative < mid) & (relative > -mid)
+    distance = jnp.where(near, mid - 1, jnp.abs(relative)).astype(jnp.float32)
+    log_ratio = jnp.log(distance / mid) / jnp.log(jnp.float32((max_position - 1) / mid))
+    log_pos = jnp.ceil(log_ratio * (mid - 1)) + mid
+    return jnp.where(distance <= mid, relative, log_pos * sign).astype(jnp.int32)
+
+
+def relative_positions(length: int, bucket_size: int = -1, max_position: int = -1) -> jax.Array:
+    """[length, length] matrix of query index minus key index, log-bucketed when bucket_size > 0."""
+    ids = jnp.arange(length)
+    relative = ids[:, None] - ids[None, :]
+    if bucket_size > 0 and max_position > 0:
+        relative = log_bucket_position(relative, bucket_size, max_position)
+    return relative.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dense(config: Config, features: int, name: str, use_bias: bool = True) -> Dense:
+    return Dense(
+        features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        lora_dropout=config.lora_dropout,
+        name=name,
+    )
+
+
+def _layer_norm(config: Config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        use_fast_variance=False,  # torch's two-pass variance; the one-pass form drifts at eps = 1e-7
+        name=name,
+    )
+
+
+def _embed(config: Config, num: int, features: int, name: str) -> nn.Embed:
+    return nn.Embed(
+        num,
+        features,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        embedding_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+class Embeddings(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, mask, deterministic: bool) -> jax.Array:
+        c = self.config
+        width = c.embedding_size or c.hidden_size
+        x = _embed(c, c.vocab_size, width, "word_embeddings")(input_ids)
+        if c.position_biased_input:
+            positions = jnp.arange(input_ids.shape[-1])[None, :]
+            x = x + _embed(c, c.max_position_embeddings, width, "position_embeddings")(positions)
+        if c.type_vocab_size > 0:
+            x = x + _embed(c, c.type_vocab_size, width, "token_type_embeddings")(token_type_ids)
+        if width != c.hidden_size:
+            x = _dense(c, c.hidden_size, "embed_proj", use_bias=False)(x, deterministic)
+        x = _layer_norm(c, "LayerNorm")(x)
+        x = x * mask[..., None].astype(x.dtype)
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class DisentangledSelfAttention(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+        c = self.config
+        width = c.num_attention_heads * c.head_dim
+        split_heads = lambda t: t.reshape(*t.shape[:-1], c.num_attention_heads, c.head_dim)
+        query_proj = _dense(c, width, "query_proj")
+        key_proj = _dense(c, width, "key_proj")
+        q = split_heads(query_proj(x, deterministic))  # [batch, length, heads, head_dim]
+        k = split_heads(key_proj(x, deterministic))
+        v = split_heads(_dense(c, width, "value_proj")(x, deterministic))
+
+        scale = jnp.sqrt(jnp.float32(c.head_dim * c.scale_factor)).astype(q.dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k / scale)
+
+        if c.relative_attention:
+            span = c.attention_span
+            rel = nn.Dropout(c.hidden_dropout_prob)(rel_embeddings, deterministic=deterministic)[: 2 * span]
+            if "c2p" in c.pos_att_type:
+                pos_key_proj = key_proj if c.share_att_key else _dense(c, width, "pos_key_proj")
+                pos_key = split_heads(pos_key_proj(rel, deterministic))  # [2 span, heads, head_dim]
+                # Query i against the embedding of distance i - j, for every key j.
+                c2p = jnp.einsum("bqhd,phd->bhqp", q, pos_key)
+                index = jnp.clip(relative_pos + span, 0, 2 * span - 1)
+                scores = scores + jnp.take_along_axis(c2p, index[None, None], axis=-1) / scale
+            if "p2c" in c.pos_att_type:
+                pos_query_proj = query_proj if c.share_att_key else _dense(c, width, "pos_query_proj")
+                pos_query = split_heads(pos_query_proj(rel, deterministic))
+                # Key j against the embedding of distance i - j seen from the key's side, then transposed.
+                p2c = jnp.einsum("bkhd,phd->bhkp", k, pos_query)
+                index = jnp.clip(-relative_pos + span, 0, 2 * span - 1)
+                p2c = jnp.take_along_axis(p2c, index[None, None], axis=-1)
+                scores = scores + jnp.swapaxes(p2c, -1, -2) / scale
+
+        # Softmax in float32 so bf16 compute does not lose the small probabilities; a padded query sees
+        # only masked keys and gets HF's uniform row.
+        pair = mask[:, None, :, None] & mask[:, None, None, :]
+        scores = jnp.where(pair, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return context.reshape(*context.shape[:-2], width)
+
+
+class Output(nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual): HF's SelfOutput and Output are this same block."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool) -> jax.Array:
+        c = self.config
+        x = _dense(c, c.hidden_size, "dense")(x, deterministic)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(c, "LayerNorm")(x + residual)
+
+
+class Attention(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+        h = DisentangledSelfAttention(self.config, name="self")(x, mask, relative_pos, rel_embeddings, deterministic)
+        return Output(self.config, name="output")(h, x, deterministic)
+
+
+class Intermediate(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool) -> jax.Array:
+        c = self.config
+        return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense")(x, deterministic))
+
+
+class Layer(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+        h = Attention(self.config, name="attention")(x, mask, relative_pos, rel_embeddings, deterministic)
+        up = Intermediate(self.config, name="intermediate")(h, deterministic)
+        return Output(self.config, name="output")(up, h, deterministic)
+
+
+class Layers(nn.Module):
+    """Holds the layers as children '0', '1', ... so the tree reads `encoder.layer.3...` as in HF."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, index: int, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+        # static_argnums counts `self` as 0: deterministic is argument 5.
+        layer = nn.remat(Layer, static_argnums=(5,)) if self.config.remat else Layer
+        return layer(self.config, name=str(index))(x, mask, relative_pos, rel_embeddings, deterministic)
+
+
+class ConvLayer(nn.Module):
+    """DeBERTa-v2's n-gram convolution over the embeddings, added to the first layer's output."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, embeddings, layer_output, mask, deterministic: bool) -> jax.Array:
+        c = self.config
+        pad = (c.conv_kernel_size - 1) // 2
+        out = nn.Conv(
+            c.hidden_size,
+            (c.conv_kernel_size,),
+            padding=[(pad, pad)],
+            feature_group_count=c.conv_groups,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            kernel_init=nn.initializers.normal(c.initializer_range),
+            name="conv",
+        )(embeddings)
+        keep = mask[..., None].astype(out.dtype)
+        out = ACTIVATIONS[c.conv_act](nn.Dropout(c.hidden_dropout_prob)(out * keep, deterministic=deterministic))
+        return _layer_norm(c, "LayerNorm")(layer_output + out) * keep
+
+
+class Encoder(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool) -> jax.Array:
+        c = self.config
+        relative_pos = rel_embeddings = None
+        if c.relative_attention:
+            relative_pos = relative_positions(x.shape[1], c.position_buckets, c.max_relative)
+            rel_embeddings = _embed(c, 2 * c.attention_span, c.hidden_size, "rel_embeddings").embedding
+            if "layer_norm" in [s.strip() for s in c.norm_rel_ebd.lower().split("|")]:
+                rel_embeddings = _layer_norm(c, "LayerNorm")(rel_embeddings)
+            rel_embeddings = rel_embeddings.astype(jnp.dtype(c.dtype))
+        layers = Layers(c, name="layer")
+        embeddings = x
+        for i in range(c.num_hidden_layers):
+            x = layers(i, x, mask, relative_pos, rel_embeddings, deterministic)
+            if i == 0 and c.conv_kernel_size > 0:
+                x = ConvLayer(c, name="conv")(embeddings, x, mask, deterministic)
+        return x
+
+
+class DebertaV2Model(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        mask = attention_mask.astype(bool)
+        x = Embeddings(self.config, name="embeddings")(input_ids, token_type_ids, mask, deterministic)
+        return Encoder(self.config, name="encoder")(x, mask, deterministic)
+
+
+class ContextPooler(nn.Module):
+    """The first token's state through dense + activation (DeBERTa's pooler has no tanh by default)."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, hidden, deterministic: bool) -> jax.Array:
+        c = self.config
+        x = nn.Dropout(c.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
+        x = _dense(c, c.pooler_hidden_size or c.hidden_size, "dense")(x, deterministic)
+        return ACTIVATIONS[c.pooler_hidden_act](x)
+
+
+class DebertaV2(nn.Module):
+    """The backbone under `deberta`, plus pooler and classifier for sequence classification/regression."""
+
+    config: Config
+    task: str = "base"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        c = self.config
+        hidden = DebertaV2Model(c, name="deberta")(input_ids, attention_mask, token_type_ids, deterministic)
+        out = {"last_hidden_state": hidden}
+        if self.task == "sequence-classification":
+            pooled = ContextPooler(c, name="pooler")(hidden, deterministic)
+            dropout = c.hidden_dropout_prob if c.cls_dropout is None else c.cls_dropout
+            pooled = nn.Dropout(dropout)(pooled, deterministic=deterministic)
+            out["logits"] = _dense(c, c.num_labels, "classifier")(pooled, deterministic)
+        return out
+
+
+def build(config: Config, task: str) -> nn.Module:
+    _check_task(task)
+    return DebertaV2(config, task)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"DeBERTa-v2 supports tasks {list(TASKS)}, not {task!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face configs
+# ---------------------------------------------------------------------------------------------------------------
+
+_HF_FIELDS = [
+    f.name
+    for f in dataclasses.fields(Config)
+    if f.name not in ("num_labels", "dtype", "param_dtype", "lora_dropout", "remat")
+]
+
+
+def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
+    _check_task(task)
+    if hf.get("model_type", "deberta-v2") not in MODEL_TYPES:
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not DeBERTa-v2; use the matching family.")
+    fields = {name: hf[name] for name in _HF_FIELDS if hf.get(name) is not None}
+    if num_labels is None:
+        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    return Config(**fields, num_labels=int(num_labels))
+
+
+def config_to_hf(config: Config, task: str) -> dict[str, Any]:
+    _check_task(task)
+    hf = {name: getattr(config, name) for name in _HF_FIELDS if getattr(config, name) is not None}
+    hf["pos_att_type"] = list(config.pos_att_type)
+    hf["pooler_hidden_size"] = config.pooler_hidden_size or config.hidden_size
+    hf["model_type"] = "deberta-v2"
+    classify = task == "sequence-classification"
+    hf["architectures"] = ["DebertaV2ForSequenceClassification" if classify else "DebertaV2Model"]
+    if classify:
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _hf_name(path: str) -> str:
+    module, leaf = path.rsplit(".", 1)
+    return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+
+
+def _swap_layout(path: str, array: np.ndarray) -> np.ndarray:
+    """Flax <-> torch layout (its own inverse): nn.Linear stores (out, in), Conv1d (out, in / groups, width)."""
+    if path.endswith(".kernel"):
+        return array.T if array.ndim == 2 else array.transpose(2, 1, 0)
+    return array
+
+
+def _canonical(key: str) -> str:
+    """HF keys as the sequence classifier names them: a bare `DebertaV2Model` checkpoint lacks `deberta.`."""
+    return f"deberta.{key}" if key.startswith(("embeddings.", "encoder.")) else key
+
+
+def param_shapes(config: Config, task: str) -> dict[str, tuple[int, ...]]:
+    """{dotted param path: shape}, without allocating anything."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    tree = jax.eval_shape(lambda: build(config, task).init(jax.random.key(0), ids))["params"]
+    return {path: tuple(leaf.shape) for path, leaf in leaf_paths(tree)}
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = leaf
+    return tree
+
+
+def _fresh(path: str, shape: tuple[int, ...], config: Config, rng: jax.Array) -> jax.Array:
+    """HF's init for a module the checkpoint lacks: normal(initializer_range) weights, zero bias, unit scale."""
+    dtype = jnp.dtype(config.param_dtype)
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return jnp.zeros(shape, dtype)
+    if leaf == "scale":
+        return jnp.ones(shape, dtype)
+    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+    return (config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def params_from_hf(
+    state: Mapping[str, np.ndarray], config: Config, task: str, rng: jax.Array | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Params from an HF state dict; a missing or differently shaped head (pooler, classifier) is initialised
+    fresh and listed, a missing backbone weight is an error. Keys the model has no use for (MLM heads) are ignored.
+    """
+    state = {_canonical(k): v for k, v in state.items()}
+    rng = jax.random.key(0) if rng is None else rng
+    dtype = jnp.dtype(config.param_dtype)
+    flat, new = {}, []
+    for path, shape in param_shapes(config, task).items():
+        key = _hf_name(path)
+        weight = _swap_layout(path, np.asarray(state[key])) if key in state else None
+        if weight is not None and weight.shape == shape:
+            flat[path] = jnp.asarray(weight, dtype)
+        elif path.split(".", 1)[0] in HEADS:
+            flat[path] = _fresh(path, shape, config, rng)
+            new.append(path)
+        elif weight is None:
+            raise KeyError(f"Checkpoint has no {key!r}; is it a DeBERTa-v2/v3 checkpoint with this config.json?")
+        else:
+            raise ValueError(f"{key}: checkpoint shape {weight.shape} != model shape {shape}; check the config.")
+    return _unflatten(flat), new
+
+
+def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
+    """HF state dict (torch layouts). A base model's keys have no `deberta.` prefix, as `DebertaV2Model` saves."""
+    _check_task(task)
+    out = {}
+    for path, leaf in leaf_paths(params):
+        if is_lora_leaf(path):
+            raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")
+        key = _hf_name(path)
+        if task == "base":
+            key = key.removeprefix("deberta.")
+        out[key] = np.ascontiguousarray(_swap_layout(path, np.asarray(leaf)))
+    return out
