@@ -1,4 +1,4 @@
-"""DeBERTa-v2/v3 (He et al. 2021) in Flax, matching transformers' `DebertaV2Model` and its sequence classifier.
+"""DeBERTa-v2/v3 (He et al. 2021) in Flax, matching transformers' DebertaV2Model and its sequence classifier.
 
 What sets DeBERTa apart from BERT is disentangled attention: content and position are separate vectors, and a
 score is content->content + content->position (c2p) + position->content (p2c), each term scaled by
@@ -95,7 +95,7 @@ class Config:
         object.__setattr__(self, "pos_att_type", tuple(t.strip().lower() for t in pos_att_type or ()))
         unknown = set(self.pos_att_type) - {"c2p", "p2c"}
         if unknown:
-            raise ValueError(f"pos_att_type {sorted(unknown)} is not supported; use a subset of ['c2p', 'p2c'].")
+            raise ValueError(f"pos_att_type {sorted(unknown)} is not supported; use a subset of [c2p, p2c].")
         for act in (self.hidden_act, self.pooler_hidden_act, self.conv_act):
             if act not in ACTIVATIONS:
                 raise ValueError(f"Activation {act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
@@ -111,7 +111,8 @@ class Config:
 
     @property
     def max_relative(self) -> int:
-        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+        positions = self.max_relative_positions
+        return positions if positions >= 1 else self.max_position_embeddings
 
     @property
     def attention_span(self) -> int:
@@ -124,9 +125,9 @@ class Config:
         return 1 + len(self.pos_att_type)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Relative positions
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def log_bucket_position(relative: jax.Array, bucket_size: int, max_position: int) -> jax.Array:
@@ -149,9 +150,9 @@ def relative_positions(length: int, bucket_size: int = -1, max_position: int = -
     return relative.astype(jnp.int32)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Modules
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _dense(config: Config, features: int, name: str, use_bias: bool = True) -> Dense:
@@ -271,7 +272,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
-        h = DisentangledSelfAttention(self.config, name="self")(x, mask, relative_pos, rel_embeddings, deterministic)
+        attend = DisentangledSelfAttention(self.config, name="self")
+        h = attend(x, mask, relative_pos, rel_embeddings, deterministic)
         return Output(self.config, name="output")(h, x, deterministic)
 
 
@@ -326,7 +328,8 @@ class ConvLayer(nn.Module):
             name="conv",
         )(embeddings)
         keep = mask[..., None].astype(out.dtype)
-        out = ACTIVATIONS[c.conv_act](nn.Dropout(c.hidden_dropout_prob)(out * keep, deterministic=deterministic))
+        out = nn.Dropout(c.hidden_dropout_prob)(out * keep, deterministic=deterministic)
+        out = ACTIVATIONS[c.conv_act](out)
         return _layer_norm(c, "LayerNorm")(layer_output + out) * keep
 
 
@@ -408,9 +411,9 @@ def _check_task(task: str) -> None:
         raise ValueError(f"DeBERTa-v2 supports tasks {list(TASKS)}, not {task!r}.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Hugging Face configs
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _HF_FIELDS = [
     f.name
@@ -443,9 +446,9 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
     return hf
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Hugging Face checkpoints
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _hf_name(path: str) -> str:
@@ -454,7 +457,7 @@ def _hf_name(path: str) -> str:
 
 
 def _swap_layout(path: str, array: np.ndarray) -> np.ndarray:
-    """Flax <-> torch layout (its own inverse): nn.Linear stores (out, in), Conv1d (out, in / groups, width)."""
+    """Flax <-> torch layout (its own inverse): nn.Linear is (out, in), Conv1d (out, in / groups, width)."""
     if path.endswith(".kernel"):
         return array.T if array.ndim == 2 else array.transpose(2, 1, 0)
     return array
@@ -484,7 +487,7 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fresh(path: str, shape: tuple[int, ...], config: Config, rng: jax.Array) -> jax.Array:
-    """HF's init for a module the checkpoint lacks: normal(initializer_range) weights, zero bias, unit scale."""
+    """HF init for what a checkpoint lacks: normal(initializer_range) weight, zero bias, unit scale."""
     dtype = jnp.dtype(config.param_dtype)
     leaf = path.rsplit(".", 1)[-1]
     if leaf == "bias":
@@ -498,8 +501,10 @@ def _fresh(path: str, shape: tuple[int, ...], config: Config, rng: jax.Array) ->
 def params_from_hf(
     state: Mapping[str, np.ndarray], config: Config, task: str, rng: jax.Array | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """Params from an HF state dict; a missing or differently shaped head (pooler, classifier) is initialised
-    fresh and listed, a missing backbone weight is an error. Keys the model has no use for (MLM heads) are ignored.
+    """Params from an HF state dict.
+
+    A missing or differently shaped head (pooler, classifier) is initialised fresh and listed; a missing
+    backbone weight is an error; keys the model has no use for (MLM heads, buffers) are ignored.
     """
     state = {_canonical(k): v for k, v in state.items()}
     rng = jax.random.key(0) if rng is None else rng
@@ -514,14 +519,14 @@ def params_from_hf(
             flat[path] = _fresh(path, shape, config, rng)
             new.append(path)
         elif weight is None:
-            raise KeyError(f"Checkpoint has no {key!r}; is it a DeBERTa-v2/v3 checkpoint with this config.json?")
+            raise KeyError(f"Checkpoint has no {key!r}; is it a DeBERTa-v2/v3 checkpoint for this config?")
         else:
-            raise ValueError(f"{key}: checkpoint shape {weight.shape} != model shape {shape}; check the config.")
+            raise ValueError(f"{key}: checkpoint shape {weight.shape} != model's {shape}; check config.json.")
     return _unflatten(flat), new
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
-    """HF state dict (torch layouts). A base model's keys have no `deberta.` prefix, as `DebertaV2Model` saves."""
+    """HF state dict (torch layouts); a base model's keys lack `deberta.`, as DebertaV2Model saves them."""
     _check_task(task)
     out = {}
     for path, leaf in leaf_paths(params):
