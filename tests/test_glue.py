@@ -215,6 +215,17 @@ def test_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write(tmp_path / "RTE/train.tsv", [["index", "sentence1", "sentence2", "label"], ["0", "cut short"]])
     with pytest.raises(ValueError, match="row 2 has 2 fields, needs 4"):
         load_glue("rte", "train", tmp_path)
+    _write(tmp_path / "CoLA/train.tsv", [["gj04", "1", "", "fine."], ["gj04", "1"]])  # no header: row 2 of 2
+    with pytest.raises(ValueError, match="row 2 has 2 fields, needs 4"):
+        load_glue("cola", "train", tmp_path)
+    _write(
+        tmp_path / "RTE/dev.tsv", [["index", "sentence1", "sentence2"], ["0", "a", "b"]]
+    )  # a test-like file
+    with pytest.raises(ValueError, match="rte validation: 1 rows have no label"):
+        load_glue("rte", "validation", tmp_path)
+    _write(tmp_path / "WNLI/train.tsv", [])
+    with pytest.raises(ValueError, match="train.tsv is empty"):
+        load_glue("wnli", "train", tmp_path)
 
 
 def test_unbalanced_quotes_do_not_merge_rows(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,21 +164,23 @@ def read_glue_tsv(path: str | os.PathLike, spec: GlueTask) -> tuple[list[list[st
     Quoting is off (csv.QUOTE_NONE): the files contain unbalanced `"` characters that a quoting reader would
     treat as field delimiters, silently merging rows.
     """
-    csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops MRPC's byte-order mark
         rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-    if spec.tsv_headerless is not None and rows and rows[0][0] != "index":  # CoLA test.tsv does have a header
+    if not rows:
+        raise ValueError(f"{path} is empty; is it the right file?")
+    first_row = 1
+    if spec.tsv_headerless is not None and rows[0][0] != "index":  # CoLA test.tsv does have a header
         text_pos, label_pos = spec.tsv_headerless
         positions, label_at = [text_pos], label_pos
     else:
-        header, rows = rows[0], rows[1:]
+        header, rows, first_row = rows[0], rows[1:], 2
         try:
             positions = [header.index(c) for c in spec.tsv_text_columns]
         except ValueError:
             raise ValueError(f"{path}: expected columns {spec.tsv_text_columns} in header {header}") from None
         label_at = header.index(spec.tsv_label_column) if spec.tsv_label_column in header else None
     needed = max(positions + ([label_at] if label_at is not None else []))
-    for line, row in enumerate(rows, start=2):
+    for line, row in enumerate(rows, start=first_row):
         if len(row) <= needed:
             raise ValueError(f"{path}: row {line} has {len(row)} fields, needs {needed + 1}; is it intact?")
     texts = [[row[p] for row in rows] for p in positions]
@@ -242,6 +243,10 @@ def load_glue(
                 f"data.dir=<folder with {spec.folder}/{tsv.name} or {spec.folder}/hf_parquet/{split}/> "
                 f"or set {GLUE_DIR_ENV}"
             )
+    if split not in spec.test_splits and (labels == -1).any():
+        raise ValueError(
+            f"GLUE {spec.name} {split}: {(labels == -1).sum()} rows have no label; check the files"
+        )
     return GlueSplit(spec.name, split, texts[0], texts[1] if spec.is_pair else None, labels)
 
 
