@@ -202,7 +202,7 @@ def _read_hub(spec: GlueTask, split: str) -> tuple[list[list[str]], np.ndarray]:
     try:
         ds = datasets.load_dataset(HUB_NAME, spec.name, split=split)
     except Exception as e:  # offline, or a hub error: say what to do instead
-        raise RuntimeError(
+        raise ConnectionError(
             f"Could not load {HUB_NAME}/{spec.name} from the Hugging Face hub ({type(e).__name__}); offline? "
             f"Pass data.dir=<folder with {spec.folder}/{_tsv_name(split)}> or set {GLUE_DIR_ENV}"
         ) from e
