@@ -192,7 +192,7 @@ def test_hub_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(
-        RuntimeError, match=f"offline.*data.dir=<folder with QQP/dev.tsv> or set {GLUE_DIR_ENV}"
+        ConnectionError, match=f"offline.*data.dir=<folder with QQP/dev.tsv> or set {GLUE_DIR_ENV}"
     ):
         load_glue("qqp", "validation", source="hub")
 
