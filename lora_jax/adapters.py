@@ -84,8 +84,13 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         raise LoraError(f"{config_path} is not valid JSON ({e}); re-save the adapter.") from e
 
 
-def load_adapter(directory: str | os.PathLike, base_params: Params) -> tuple[dict[str, Any], LoraConfig]:
+def load_adapter(
+    directory: str | os.PathLike, base_params: Params, lora_only: bool = False
+) -> tuple[dict[str, Any], LoraConfig]:
     """Put a saved adapter onto `base_params`; returns (params, config).
+
+    lora_only: take the LoRA leaves and leave the rest (e.g. a head for another label set) as in `base_params`;
+    this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
 
     Every adapter tensor must land on a path the base model has (LoRA leaves beside an existing kernel) with
     the shape it was saved with; anything else is a mismatched adapter and is refused by name.
@@ -101,6 +106,8 @@ def load_adapter(directory: str | os.PathLike, base_params: Params) -> tuple[dic
     base = dict(leaf_paths(base_params))
     tree: dict[str, Any] = {}
     for path, value in sorted(tensors.items()):
+        if lora_only and not is_lora_leaf(path):
+            continue
         module = path.rsplit(".", 1)[0]
         if is_lora_leaf(path):
             kernel = base.get(f"{module}.kernel")

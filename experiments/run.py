@@ -1,0 +1,144 @@
+"""Fine-tune a pretrained encoder on a GLUE task with LoRA, full fine-tuning or BitFit (the paper's Table 2).
+
+    python experiments/run.py                                     # all-MiniLM-L6-v2 + LoRA on MRPC, minutes on a CPU
+    python experiments/run.py +exp=glue_roberta task=rte lora.alpha=16
+    python experiments/run.py -m seed=0,1,2,3,4 task=mrpc         # then: python experiments/aggregate.py
+    python experiments/run.py method=full optim.lr=2e-5           # the full fine-tuning baseline
+
+Writes results/<exp>/<task>/<run>/: config.yaml (resolved), metrics.jsonl (per epoch), train.jsonl (loss, lr),
+summary.json, checkpoints/{latest,best}, adapter/. Running the same command again resumes the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import jax
+import jax.numpy as jnp
+from omegaconf import DictConfig, OmegaConf
+
+from lora_jax.adapters import load_adapter
+from lora_jax.data import get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
+from lora_jax.logging import WandbLogger
+from lora_jax.lora import LoraError, count_params, lora_wrap
+from lora_jax.models.hub import from_pretrained, lora_config
+from lora_jax.train import EvalSpec, TrainConfig, TrainingDiverged, train
+
+OmegaConf.register_new_resolver(
+    "package_model", lambda name: str(importlib.import_module(name).get_model_path()), replace=True
+)
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    o = cfg.optim
+    return TrainConfig(
+        method=cfg.method, epochs=o.epochs, batch_size=o.batch_size, eval_batch_size=o.eval_batch_size,
+        learning_rate=o.lr, warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm, grad_accum=o.grad_accum, seed=cfg.seed,
+        save_every_steps=o.save_every_steps, max_steps=o.max_steps, fsdp=o.fsdp, log_every=o.log_every,
+        progress=cfg.progress,
+    )  # fmt: skip
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
+    task = get_task(cfg.task)  # an unknown task fails here, before anything loads
+    OmegaConf.resolve(cfg)
+    if cfg.distributed:
+        jax.distributed.initialize()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    config = train_config(cfg)
+
+    module, params, tokenizer, model_config = from_pretrained(
+        cfg.model.name_or_path,
+        task="sequence-classification",
+        num_labels=task.num_labels,
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        lora_dropout=cfg.lora.dropout,
+        remat=cfg.model.remat,
+    )
+    lora = lora_config(
+        model_config.model_type,
+        targets=list(cfg.lora.targets),
+        r=cfg.lora.r,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        init=cfg.lora.init,
+        rslora=cfg.lora.rslora,
+        bias=cfg.lora.bias,
+        train_also=list(cfg.model.train_also),
+    )
+    if cfg.method == "lora":
+        params = lora_wrap(params, lora, jax.random.key(cfg.seed))
+        if cfg.init_from:
+            params, _ = load_adapter(Path(cfg.init_from) / "adapter", params, lora_only=True)
+            print(f"LoRA leaves initialised from {cfg.init_from}")
+        print(count_params(params, lora))
+
+    def split(name: str) -> dict:
+        return tokenize(load_glue(task.name, name, cfg.data.dir, cfg.data.source), tokenizer, cfg.data.max_len)
+
+    train_set = split("train")
+    eval_sets = {name: split(name) for name in task.dev_splits}
+    spec = EvalSpec(
+        num_labels=task.num_labels,
+        metrics=lambda logits, labels: glue_metrics(task.name, predictions_from_logits(task.name, logits), labels),
+        main_metric=task.main_metric,
+    )
+    loggers = []
+    if cfg.logger.kind == "wandb":
+        loggers.append(
+            WandbLogger(
+                out_dir, OmegaConf.to_container(cfg), project=cfg.logger.project, entity=cfg.logger.entity,
+                group=f"{cfg.exp_name}/{cfg.task}", name=cfg.run, mode=cfg.logger.mode, tags=list(cfg.logger.tags),
+            )  # fmt: skip
+        )
+    summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, loggers)
+    summary.update(
+        exp=cfg.exp_name, task=cfg.task, run=cfg.run, seed=cfg.seed, model=cfg.model.name_or_path,
+        lora=lora.to_dict() if cfg.method == "lora" else None, git_commit=git_commit(),
+        devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    )  # fmt: skip
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out_dir / "summary.json")
+    print(f"{cfg.task} {task.main_metric} = {summary['best']:.4f} (best epoch {summary['best_epoch']}) -> {out_dir}")
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (LoraError, TrainingDiverged, OSError, ValueError, TypeError) as e:
+        if os.environ.get("LORA_JAX_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
