@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -31,7 +32,7 @@ TINY = dict(
     relative_attention=True,
 )
 VARIANTS = {
-    # v3: log-bucketed positions, projections shared with content, normalised relative table, no absolute positions.
+    # v3: log-bucketed positions, shared projections, normalised relative table, no absolute positions.
     "v3": dict(
         position_buckets=8,
         pos_att_type=["p2c", "c2p"],
@@ -107,18 +108,26 @@ def _load(folder, task: str, **overrides):
     return config, params, new
 
 
-def _run(config, params, task, ids, mask, types, **kw):
+@functools.cache
+def _forward(config, task: str, deterministic: bool = True):
+    """One jitted apply per (config, task, mode), shared by every test (compiling dominates the runtime)."""
     module = deberta.build(config, task)
-    apply = jax.jit(lambda p, *a: module.apply({"params": p}, *a, **kw))
-    out = apply(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+    return jax.jit(
+        lambda p, ids, mask, types, key: module.apply(
+            {"params": p}, ids, mask, types, deterministic=deterministic, rngs={"dropout": key}
+        )
+    )
+
+
+def _run(config, params, task, ids, mask, types, deterministic=True, seed=0):
+    args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types), jax.random.key(seed))
+    out = _forward(config, task, deterministic)(params, *args)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
 def _torch_run(model, ids, mask, types):
     with torch.no_grad():
-        out = model(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)
-        )
+        out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types))
     return out
 
 
@@ -126,8 +135,7 @@ def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-@pytest.mark.parametrize("variant", ["v3", "v2"])
-@pytest.mark.parametrize("num_labels", [3, 1])
+@pytest.mark.parametrize("variant,num_labels", [("v3", 3), ("v2", 3), ("v3", 1)])  # 1 label: regression
 def test_matches_transformers_with_padding(saved, variant, num_labels):
     model, folder = saved(variant, num_labels)
     config, params, new = _load(folder, CLS)
@@ -155,7 +163,8 @@ def test_base_checkpoint_and_fresh_head(saved):
     assert _max_diff(ours["last_hidden_state"][mask.astype(bool)], expected[mask.astype(bool)]) <= TOL
 
     # No mask means every position counts, as in HF.
-    out = deberta.build(config, "base").apply({"params": params}, jnp.asarray(ids))
+    module = deberta.build(config, "base")
+    out = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, jnp.asarray(ids))
     with torch.no_grad():
         expected = model(torch.tensor(ids)).last_hidden_state.numpy()
     assert _max_diff(out["last_hidden_state"], expected) <= TOL
@@ -184,7 +193,7 @@ def test_missing_backbone_weight_is_an_error(saved):
 def test_params_to_hf_loads_into_fresh_torch_model(saved, variant):
     model, folder = saved(variant)
     config, params, _ = _load(folder, CLS)
-    state = {k: torch.from_numpy(v) for k, v in deberta.params_to_hf(params, config, CLS).items()}
+    state = {k: torch.tensor(v) for k, v in deberta.params_to_hf(params, config, CLS).items()}
     fresh = transformers.DebertaV2ForSequenceClassification(_hf_config(variant, num_labels=3)).eval()
     fresh.load_state_dict(state, strict=True)
     ids, mask, types = _batch(model.config.type_vocab_size)
@@ -192,7 +201,7 @@ def test_params_to_hf_loads_into_fresh_torch_model(saved, variant):
 
     # The base task writes DebertaV2Model's keys (no `deberta.` prefix).
     backbone = {"deberta": params["deberta"]}
-    base_state = {k: torch.from_numpy(v) for k, v in deberta.params_to_hf(backbone, config, "base").items()}
+    base_state = {k: torch.tensor(v) for k, v in deberta.params_to_hf(backbone, config, "base").items()}
     transformers.DebertaV2Model(_hf_config(variant)).load_state_dict(base_state, strict=True)
 
     with pytest.raises(ValueError, match="merge"):
@@ -216,7 +225,8 @@ def test_lora_merged_equals_unmerged(saved, variant):
     wrapped = lora.lora_wrap(params, lora.LoraConfig(r=4, alpha=8.0, targets=targets), jax.random.key(0))
     key = iter(jax.random.split(jax.random.key(1), 64))
     wrapped = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.random.normal(next(key), x.shape) * 0.1 if "lora_b" in str(path[-1]) else x, wrapped
+        lambda path, x: jax.random.normal(next(key), x.shape) * 0.1 if "lora_b" in str(path[-1]) else x,
+        wrapped,
     )
     ids, mask, types = _batch(model.config.type_vocab_size)
     base = _run(config, params, CLS, ids, mask, types)["logits"]
@@ -246,7 +256,9 @@ def test_lora_targets_name_the_right_kernels(saved):
         assert matched[name] == sorted(layer.format(i) + s for i in range(2) for s in suffixes), name
 
 
-@pytest.mark.parametrize("length,buckets,max_position", [(12, 8, 64), (40, 16, 32), (9, -1, 4), (20, 256, 512)])
+@pytest.mark.parametrize(
+    "length,buckets,max_position", [(12, 8, 64), (40, 16, 32), (9, -1, 4), (20, 256, 512)]
+)
 def test_relative_positions_match_transformers(length, buckets, max_position):
     x = torch.zeros(1, length, 1)
     expected = hf_deberta.build_relative_position(x, x, bucket_size=buckets, max_position=max_position)
@@ -260,26 +272,23 @@ def test_dropout_remat_and_bf16(saved):
     ids, mask, types = _batch(0)
     clean = _run(config, params, CLS, ids, mask, types)["logits"]
 
-    noisy = [
-        _run(config, params, CLS, ids, mask, types, deterministic=False, rngs={"dropout": jax.random.key(s)})
-        for s in (0, 0, 1)
-    ]
+    noisy = [_run(config, params, CLS, ids, mask, types, deterministic=False, seed=s) for s in (0, 0, 1)]
     assert np.array_equal(noisy[0]["logits"], noisy[1]["logits"])
     assert _max_diff(noisy[0]["logits"], noisy[2]["logits"]) > 1e-3
     assert _max_diff(noisy[0]["logits"], clean) > 1e-3
 
-    def grads(cfg):
+    def backward_program(cfg) -> str:
         module = deberta.build(cfg, CLS)
         loss = lambda p: module.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask))["logits"].sum()
-        return jax.grad(loss)(params)
+        return str(jax.make_jaxpr(jax.grad(loss))(params))
 
+    # remat changes what the backward pass stores, never the values (JAX's own guarantee): check it is there.
     remat = dataclasses.replace(config, remat=True)
     assert _max_diff(_run(remat, params, CLS, ids, mask, types)["logits"], clean) <= TOL
-    for g, h in zip(jax.tree.leaves(grads(config)), jax.tree.leaves(grads(remat)), strict=True):
-        assert _max_diff(g, h) <= TOL
+    assert "remat" in backward_program(remat) and "remat" not in backward_program(config)
 
     bf16 = dataclasses.replace(config, dtype="bfloat16")
-    out = deberta.build(bf16, CLS).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    out = _run(bf16, params, CLS, ids, mask, types)
     assert out["last_hidden_state"].dtype == jnp.bfloat16
     # bf16 keeps 8 bits of mantissa: a few 1e-2 of drift on O(1) logits after two layers.
     assert _max_diff(out["logits"], clean) < 0.1
@@ -297,4 +306,6 @@ def test_hub_round_trip(saved, tmp_path):
     hub.to_pretrained(module, params, tmp_path, task=CLS)
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, transformers.DebertaV2ForSequenceClassification)
-    assert torch.equal(_torch_run(reloaded, ids, mask, types).logits, _torch_run(model, ids, mask, types).logits)
+    assert torch.equal(
+        _torch_run(reloaded, ids, mask, types).logits, _torch_run(model, ids, mask, types).logits
+    )
