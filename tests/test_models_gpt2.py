@@ -102,6 +102,24 @@ def test_hidden_states_and_lm_logits_match_transformers(checkpoints, task):
         assert (logits[rows, last].argmax(-1) == ref_logits[rows, last].argmax(-1)).all()
 
 
+def test_rarer_config_options_match_transformers(tmp_path):
+    variant = dict(
+        TINY, scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False, activation_function="relu",
+        n_inner=48, layer_norm_epsilon=1e-3,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = _randomise(transformers.GPT2Model(transformers.GPT2Config(**variant)))
+    model.save_pretrained(tmp_path)
+    module, params, config, _ = _load(tmp_path, "base")
+    assert (config.n_inner, config.activation_function, config.scale_attn_weights) == (48, "relu", False)
+    ids, mask = _batch()
+    real = mask.astype(bool)
+    ours = np.asarray(_apply(module, params, ids, mask)["last_hidden_state"])[real]
+    diff = np.abs(ours - _torch(model, ids, mask).last_hidden_state.numpy()[real]).max()
+    print(f"variant config hidden max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
 def test_sequence_classification_pools_the_last_real_token_like_transformers(checkpoints):
     folder, model = checkpoints["sequence-classification"]
     module, params, config, new = _load(folder, "sequence-classification")

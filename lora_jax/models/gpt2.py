@@ -508,11 +508,17 @@ def _generate(module, params, input_ids, attention_mask, max_new_tokens, eos_tok
     cache_mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
 
+    embedding = params["transformer"]["wte"]["embedding"]
+
     def run(ids, pos, cache, index):
         out = module.apply(
             {"params": params}, ids, cache_mask, position_ids=pos, cache=cache, cache_index=index
         )
-        return jnp.argmax(out["logits"][:, -1], axis=-1).astype(jnp.int32), out["cache"]
+        # Logits of the last position only: the model's (batch, length, vocab) logits go unused and XLA drops
+        # them, which for a long prompt and GPT-2's 50k vocabulary is most of the prefill's memory.
+        hidden = out["last_hidden_state"][:, -1]
+        logits = jnp.dot(hidden, embedding.T.astype(hidden.dtype))
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), out["cache"]
 
     next_token, cache = run(input_ids, positions, cache, 0)
     last_position = positions[:, -1]
