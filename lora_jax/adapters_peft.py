@@ -2,8 +2,8 @@
 
 PEFT writes `adapter_config.json` and `adapter_model.safetensors` whose keys are the torch module names under
 `base_model.model.`, with `lora_A.weight` (r, d_in) and `lora_B.weight` (d_out, r): the transposes of
-lora_jax's `lora_a` (d_in, r) and `lora_b` (r, d_out). Heads listed in `modules_to_save` are stored under their
-plain names (`base_model.model.classifier.out_proj.weight`). Because lora_jax param trees mirror HF module
+lora_jax's `lora_a` (d_in, r) and `lora_b` (r, d_out). Heads listed in `modules_to_save` are stored under
+their plain names (`base_model.model.classifier.out_proj.weight`). As lora_jax param trees mirror HF module
 names, translating is renaming; the only family knowledge needed is which kernels HF stores untransposed
 (GPT-2's Conv1D), asked of the family's optional `hf_transposed(path) -> bool` (default: all, as nn.Linear).
 """
@@ -62,14 +62,19 @@ def _our_module(name: str, params: Params) -> str:
 
 
 def _shortest_targets(adapted: list[str], universe: list[str]) -> list[str]:
-    """The shortest name suffixes that, under PEFT's suffix rule, pick exactly the adapted modules."""
-    depth = max(len(m.split(".")) for m in adapted)
-    for k in range(1, depth + 1):
-        suffixes = sorted({".".join(m.split(".")[-k:]) for m in adapted})
-        picked = {n for n in universe if any(n == s or n.endswith("." + s) for s in suffixes)}
-        if picked == set(adapted):
-            return suffixes
-    return sorted(adapted)
+    """Per adapted module, the shortest name suffix that, under PEFT's suffix rule, picks no other module."""
+    others = set(universe) - set(adapted)
+    picks = lambda suffix: any(n == suffix or n.endswith("." + suffix) for n in others)
+    suffixes = set()
+    for module in adapted:
+        parts = module.split(".")
+        suffixes.add(
+            next(
+                (".".join(parts[-k:]) for k in range(1, len(parts)) if not picks(".".join(parts[-k:]))),
+                module,
+            )
+        )
+    return sorted(suffixes)
 
 
 def save_peft_adapter(
@@ -89,7 +94,7 @@ def save_peft_adapter(
     if sliced:
         raise LoraError(
             f"PEFT adapts fused kernels whole; {sliced[0].rsplit('.', 1)[0]} carries per-slice LoRA "
-            "(e.g. c_attn.q), which PEFT cannot express: target the whole kernel or use adapters.save_adapter."
+            "(c_attn.q), which PEFT cannot express: target the whole kernel or use adapters.save_adapter."
         )
     adapted = sorted(p.rsplit(".", 1)[0] for p in leaves if p.endswith("." + LORA_A))
     if not adapted:
@@ -112,7 +117,9 @@ def save_peft_adapter(
     extra = [p for p in leaves if not is_lora_leaf(p) and (mask[p] or p.split(".", 1)[0] in heads)]
     fan_in_fan_out = {not _transposed(family, f"{m}.kernel") for m in adapted}
     if len(fan_in_fan_out) > 1:
-        raise LoraError("PEFT needs one fan_in_fan_out for all targets; adapt Conv1D and Linear kernels apart.")
+        raise LoraError(
+            "PEFT needs one fan_in_fan_out for all targets; adapt Conv1D and Linear kernels apart."
+        )
     for path in extra:
         module, leaf = path.rsplit(".", 1)
         value = np.asarray(leaves[path])
@@ -156,13 +163,17 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
 def load_peft_adapter(
     adapter_dir: str | os.PathLike, base_params: Params, model_type: str
 ) -> tuple[dict[str, Any], LoraConfig]:
-    """Put a PEFT LoRA adapter onto `base_params` (from `hub.from_pretrained`); returns (params, LoraConfig)."""
+    """Put a PEFT LoRA adapter onto `base_params` (from `hub.from_pretrained`); returns (params, config)."""
     folder = Path(adapter_dir)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise LoraError(f"No PEFT adapter in {folder}: expected {CONFIG} and {WEIGHTS} (PeftModel.save_pretrained).")
+        raise LoraError(
+            f"No PEFT adapter in {folder}: expected {CONFIG} and {WEIGHTS} (PeftModel.save_pretrained)."
+        )
     peft = json.loads((folder / CONFIG).read_text())
     if peft.get("peft_type") != "LORA" or peft.get("use_dora"):
-        raise LoraError(f"{folder} holds a {peft.get('peft_type')} adapter (DoRA: {peft.get('use_dora')}); only LoRA.")
+        raise LoraError(
+            f"{folder} holds a {peft.get('peft_type')} adapter (DoRA: {peft.get('use_dora')}); only LoRA."
+        )
     family = hub.family(model_type)
     targets = peft.get("target_modules") or []
     init = peft.get("init_lora_weights", True)
@@ -190,7 +201,9 @@ def load_peft_adapter(
             path = _our_module(module, base_params)
             kernel = base.get(f"{path}.kernel")
             if kernel is None:
-                raise LoraError(f"Adapter key {key!r} has no kernel {path}.kernel in the base params: wrong base.")
+                raise LoraError(
+                    f"Adapter key {key!r} has no kernel {path}.kernel in the base params: wrong base."
+                )
             node = _node(tree, path)
             node[LORA_A if kind == "lora_A" else LORA_B] = jnp.asarray(value.T, np.asarray(kernel).dtype)
             if kind == "lora_A":
@@ -199,14 +212,22 @@ def load_peft_adapter(
                 node[LORA_SCALE] = jnp.asarray(a / np.sqrt(r) if config.rslora else a / r, jnp.float32)
             continue
         path = _our_module(module, base_params)
-        candidates = [f"{path}.{leaf}"] if leaf == "bias" else [f"{path}.{n}" for n in ("kernel", "embedding", "scale")]
+        candidates = (
+            [f"{path}.{leaf}"]
+            if leaf == "bias"
+            else [f"{path}.{n}" for n in ("kernel", "embedding", "scale")]
+        )
         found = next((c for c in candidates if c in base), None)
         if found is None:
-            raise LoraError(f"Adapter key {key!r} matches no base param ({' / '.join(candidates)}): wrong base.")
+            raise LoraError(
+                f"Adapter key {key!r} matches no base param ({' / '.join(candidates)}): wrong base."
+            )
         if found.endswith(".kernel") and _transposed(family, found):
             value = value.T
         if value.shape != np.shape(base[found]):
-            raise LoraError(f"Adapter key {key!r} has shape {value.shape}, base {found} {np.shape(base[found])}.")
+            raise LoraError(
+                f"Adapter key {key!r} has shape {value.shape}, base {found} {np.shape(base[found])}."
+            )
         _node(tree, found.rsplit(".", 1)[0])[found.rsplit(".", 1)[1]] = jnp.asarray(value, base[found].dtype)
     return combine(base_params, tree), config
 
