@@ -225,15 +225,16 @@ def test_lora_merged_equals_unmerged(saved, variant):
     wrapped = lora.lora_wrap(params, lora.LoraConfig(r=4, alpha=8.0, targets=targets), jax.random.key(0))
     key = iter(jax.random.split(jax.random.key(1), 64))
     wrapped = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.random.normal(next(key), x.shape) * 0.1 if "lora_b" in str(path[-1]) else x,
+        lambda path, x: jax.random.normal(next(key), x.shape) * 0.5 if "lora_b" in str(path[-1]) else x,
         wrapped,
     )
     ids, mask, types = _batch(model.config.type_vocab_size)
-    base = _run(config, params, CLS, ids, mask, types)["logits"]
-    unmerged = _run(config, wrapped, CLS, ids, mask, types)["logits"]
-    merged = _run(config, lora.merge(wrapped), CLS, ids, mask, types)["logits"]
-    assert _max_diff(unmerged, base) > 1e-3  # the adapter does something
-    assert _max_diff(merged, unmerged) <= TOL
+    base = _run(config, params, CLS, ids, mask, types)
+    unmerged = _run(config, wrapped, CLS, ids, mask, types)
+    merged = _run(config, lora.merge(wrapped), CLS, ids, mask, types)
+    assert _max_diff(unmerged["last_hidden_state"], base["last_hidden_state"]) > 0.1  # the adapter acts
+    for name in ("last_hidden_state", "logits"):
+        assert _max_diff(merged[name], unmerged[name]) <= TOL
 
 
 def test_lora_targets_name_the_right_kernels(saved):
@@ -290,8 +291,9 @@ def test_dropout_remat_and_bf16(saved):
     bf16 = dataclasses.replace(config, dtype="bfloat16")
     out = _run(bf16, params, CLS, ids, mask, types)
     assert out["last_hidden_state"].dtype == jnp.bfloat16
-    # bf16 keeps 8 bits of mantissa: a few 1e-2 of drift on O(1) logits after two layers.
-    assert _max_diff(out["logits"], clean) < 0.1
+    # bf16 keeps 8 bits of mantissa: ~2e-2 of drift on hidden states of size ~4 after two layers.
+    full = _run(config, params, CLS, ids, mask, types)["last_hidden_state"]
+    assert _max_diff(out["last_hidden_state"], full) < 0.1
 
 
 def test_hub_round_trip(saved, tmp_path):
