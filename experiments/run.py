@@ -32,17 +32,31 @@ from lora_jax.lora import LoraError, count_params, lora_wrap
 from lora_jax.models.hub import from_pretrained, lora_config
 from lora_jax.train import EvalSpec, TrainConfig, TrainingDiverged, train
 
+
+def run_name(method: str, r: int, alpha: float, seed: int) -> str:
+    """lora_r8_a16_seed0, full_seed0, bitfit_seed0: what a results folder is called."""
+    return f"lora_r{r}_a{alpha:g}_seed{seed}" if method == "lora" else f"{method}_seed{seed}"
+
+
 OmegaConf.register_new_resolver(
     "package_model", lambda name: str(importlib.import_module(name).get_model_path()), replace=True
 )
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -98,21 +112,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(count_params(params, lora))
 
     def split(name: str) -> dict:
-        return tokenize(load_glue(task.name, name, cfg.data.dir, cfg.data.source), tokenizer, cfg.data.max_len)
+        return tokenize(
+            load_glue(task.name, name, cfg.data.dir, cfg.data.source), tokenizer, cfg.data.max_len
+        )
 
     train_set = split("train")
     eval_sets = {name: split(name) for name in task.dev_splits}
     spec = EvalSpec(
         num_labels=task.num_labels,
-        metrics=lambda logits, labels: glue_metrics(task.name, predictions_from_logits(task.name, logits), labels),
+        metrics=lambda logits, labels: glue_metrics(
+            task.name, predictions_from_logits(task.name, logits), labels
+        ),
         main_metric=task.main_metric,
     )
     loggers = []
     if cfg.logger.kind == "wandb":
         loggers.append(
             WandbLogger(
-                out_dir, OmegaConf.to_container(cfg), project=cfg.logger.project, entity=cfg.logger.entity,
-                group=f"{cfg.exp_name}/{cfg.task}", name=cfg.run, mode=cfg.logger.mode, tags=list(cfg.logger.tags),
+                out_dir,
+                OmegaConf.to_container(cfg),
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=f"{cfg.exp_name}/{cfg.task}",
+                name=cfg.run,
+                mode=cfg.logger.mode,
+                tags=list(cfg.logger.tags),
             )  # fmt: skip
         )
     summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, loggers)
@@ -125,7 +149,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tmp = out_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out_dir / "summary.json")
-    print(f"{cfg.task} {task.main_metric} = {summary['best']:.4f} (best epoch {summary['best_epoch']}) -> {out_dir}")
+    print(
+        f"{cfg.task} {task.main_metric} = {summary['best']:.4f} (best epoch {summary['best_epoch']}) -> {out_dir}"
+    )
     return summary
 
 

@@ -28,11 +28,7 @@ FORMAT_VERSION = 1
 def adapter_leaves(params: Params, config: LoraConfig) -> dict[str, np.ndarray]:
     """Flat {dotted path: array} of what an adapter must carry: LoRA leaves and trainable non-LoRA leaves."""
     mask = dict(leaf_paths(trainable_mask(params, config)))
-    return {
-        path: np.asarray(leaf)
-        for path, leaf in leaf_paths(params)
-        if is_lora_leaf(path) or mask[path]
-    }
+    return {path: np.asarray(leaf) for path, leaf in leaf_paths(params) if is_lora_leaf(path) or mask[path]}
 
 
 def _sha256(path: Path) -> str:
@@ -58,14 +54,18 @@ def save_adapter(directory: str | os.PathLike, params: Params, config: LoraConfi
     if not any(is_lora_leaf(p) for p in tensors):
         raise LoraError("These params carry no LoRA leaves; call lora_wrap before save_adapter.")
     tensor_path = directory / TENSORS
-    _atomic_write(tensor_path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp))
+    _atomic_write(
+        tensor_path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+    )
     meta = {
         "format_version": FORMAT_VERSION,
         "lora_config": config.to_dict(),
         "sha256": _sha256(tensor_path),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
     }
-    _atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    _atomic_write(
+        directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    )
     return directory
 
 
@@ -77,7 +77,9 @@ def load_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 def _read_meta(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG
     if not config_path.is_file() or not (directory / TENSORS).is_file():
-        raise LoraError(f"No adapter in {directory}: expected {CONFIG} and {TENSORS} written by save_adapter.")
+        raise LoraError(
+            f"No adapter in {directory}: expected {CONFIG} and {TENSORS} written by save_adapter."
+        )
     try:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
@@ -99,7 +101,9 @@ def load_adapter(
     meta = _read_meta(directory)
     tensor_path = directory / TENSORS
     if _sha256(tensor_path) != meta.get("sha256"):
-        raise LoraError(f"{tensor_path} does not match its checksum in {CONFIG}: the file is corrupted; re-save it.")
+        raise LoraError(
+            f"{tensor_path} does not match its checksum in {CONFIG}: the file is corrupted; re-save it."
+        )
     config = LoraConfig.from_dict(meta["lora_config"])
     tensors = load_file(str(tensor_path))
 
@@ -112,7 +116,9 @@ def load_adapter(
         if is_lora_leaf(path):
             kernel = base.get(f"{module}.kernel")
             if kernel is None:
-                raise LoraError(f"Adapter key {path!r} has no kernel {module}.kernel in the base params: wrong base model.")
+                raise LoraError(
+                    f"Adapter key {path!r} has no kernel {module}.kernel in the base params: wrong base model."
+                )
             name = path.rsplit(".", 1)[-1]
             if name.startswith("lora_a") and value.shape[0] != np.shape(kernel)[0]:
                 raise LoraError(

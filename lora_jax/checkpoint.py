@@ -33,7 +33,9 @@ class RunCheckpoints:
 
     def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         self.latest.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
         )
         self.latest.wait_until_finished()
 
@@ -43,7 +45,10 @@ class RunCheckpoints:
         if step is None:
             return None
         restored = self.latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore()
+            ),
         )
         return restored["state"], restored["meta"]
 
@@ -58,9 +63,14 @@ class RunCheckpoints:
     def restore_best(self, like: Any) -> Any:
         step = self.best.latest_step()
         if step is None:
-            raise FileNotFoundError(f"No best checkpoint under {self.directory / 'best'}; the run never evaluated.")
+            raise FileNotFoundError(
+                f"No best checkpoint under {self.directory / 'best'}; the run never evaluated."
+            )
         restored = self.best.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore()
+            ),
         )
         return restored["state"]
 

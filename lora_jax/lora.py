@@ -101,7 +101,9 @@ class LoraConfig:
         if self.bias not in ("none", "all", "lora_only"):
             raise LoraError(f"LoRA bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         if not self.targets:
-            raise LoraError("LoRA targets is empty; name at least one module, e.g. targets=['query', 'value'].")
+            raise LoraError(
+                "LoRA targets is empty; name at least one module, e.g. targets=['query', 'value']."
+            )
 
     def rank_for(self, module_path: str) -> int:
         return next((r for p, r in self.rank_pattern.items() if matches_module(p, module_path)), self.r)
@@ -247,7 +249,9 @@ def lora_wrap(params: Params, config: LoraConfig, rng: jax.Array) -> dict[str, A
     others. Untouched subtrees are returned as the same objects.
     """
     if any(is_lora_leaf(p) for p, _ in leaf_paths(params)):
-        raise LoraError("These params already carry LoRA leaves; wrap the base params (or `merge` them first).")
+        raise LoraError(
+            "These params already carry LoRA leaves; wrap the base params (or `merge` them first)."
+        )
     targets = _find_targets(params, config)
     if not targets:
         raise LoraError(

@@ -162,7 +162,9 @@ def make_steps(module: nn.Module, tx: optax.GradientTransformation, num_labels: 
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     def eval_step(trainable, frozen, batch):
-        out = module.apply({"params": unpartition(trainable, frozen)}, **_model_inputs(batch), deterministic=True)
+        out = module.apply(
+            {"params": unpartition(trainable, frozen)}, **_model_inputs(batch), deterministic=True
+        )
         return out["logits"].astype(jnp.float32)
 
     return train_step, eval_step
@@ -203,7 +205,8 @@ def place_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     per_host = len(next(iter(batch.values()))) // jax.process_count()
     start = jax.process_index() * per_host
     return {
-        k: jax.make_array_from_process_local_data(sharding, v[start : start + per_host]) for k, v in batch.items()
+        k: jax.make_array_from_process_local_data(sharding, v[start : start + per_host])
+        for k, v in batch.items()
     }
 
 
@@ -216,7 +219,9 @@ def _tokens(batch: Batch) -> int:
     return int(np.sum(batch["attention_mask"] * batch["weights"][:, None]))
 
 
-def evaluate(eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh) -> dict[str, float]:
+def evaluate(
+    eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh
+) -> dict[str, float]:
     logits = []
     for batch in eval_batches(dataset, batch_size, num_devices=mesh.devices.size):
         out = np.asarray(eval_step(trainable, frozen, place_batch(batch, mesh)))
@@ -266,7 +271,15 @@ def train(
     eval_step = jax.jit(eval_step)
 
     checkpoints = RunCheckpoints(out_dir / "checkpoints")
-    meta = {"step": 0, "epoch": 0, "history": [], "best": None, "best_epoch": None, "wall_time": 0.0, "tokens": 0}
+    meta = {
+        "step": 0,
+        "epoch": 0,
+        "history": [],
+        "best": None,
+        "best_epoch": None,
+        "wall_time": 0.0,
+        "tokens": 0,
+    }
     restored = checkpoints.restore_latest({"trainable": trainable, "opt_state": opt_state})
     if restored is not None:
         state, meta = restored
@@ -286,7 +299,9 @@ def train(
     while step < total_micro:
         epoch, skip = divmod(step, steps_per_epoch)
         meta["epoch"] = epoch
-        for batch in epoch_batches(train_set, config.batch_size, config.seed, epoch, skip=skip, num_devices=n_dev):
+        for batch in epoch_batches(
+            train_set, config.batch_size, config.seed, epoch, skip=skip, num_devices=n_dev
+        ):
             tick = time.perf_counter()
             trainable, opt_state, loss = train_step(
                 trainable, opt_state, frozen, place_batch(batch, mesh), jnp.asarray(step, jnp.int32)
@@ -302,7 +317,9 @@ def train(
             tokens = _tokens(batch)
             meta["tokens"] += tokens
             lr = float(schedule(step // config.grad_accum))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - tick):.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - tick):.0f}"
+            )
             bar.update()
             if step % config.log_every == 0:
                 logger.log({"step": step, "epoch": epoch, "loss": loss, "lr": lr}, "train")
@@ -318,10 +335,15 @@ def train(
                 scores = evaluate(eval_step, trainable, frozen, dataset, spec, config.eval_batch_size, mesh)
                 prefix = "" if len(eval_sets) == 1 else f"{name}/"
                 record.update({f"{prefix}{k}": v for k, v in scores.items()})
-            main_key = spec.main_metric if len(eval_sets) == 1 else f"{next(iter(eval_sets))}/{spec.main_metric}"
+            main_key = (
+                spec.main_metric if len(eval_sets) == 1 else f"{next(iter(eval_sets))}/{spec.main_metric}"
+            )
             meta["history"].append(record)
             logger.log(record, "metrics")
-            bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch")))
+            bar.write(
+                f"epoch {epoch}: "
+                + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
+            )
             if meta["best"] is None or record[main_key] > meta["best"]:
                 meta.update(best=record[main_key], best_epoch=epoch)
                 checkpoints.save_best(step, trainable, {"epoch": epoch, "metrics": record})

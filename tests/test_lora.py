@@ -68,7 +68,9 @@ def test_wrap_adds_leaves_beside_targeted_kernels_only():
 def test_zero_init_b_gives_exactly_the_base_output():
     model, params, x = tiny()
     for init in ("kaiming", "gaussian"):
-        wrapped = lora_wrap(params, LoraConfig(r=4, targets=("query", "value", "c_fc"), init=init), jax.random.key(2))
+        wrapped = lora_wrap(
+            params, LoraConfig(r=4, targets=("query", "value", "c_fc"), init=init), jax.random.key(2)
+        )
         np.testing.assert_array_equal(model.apply(wrapped, x), model.apply(params, x))
 
 
@@ -143,7 +145,9 @@ def test_fused_kernel_slices_are_adapted_separately():
     assert np.abs(delta[:, :16]).max() > 0 and np.abs(delta[:, 32:]).max() > 0
     np.testing.assert_allclose(model.apply(merged, x), model.apply(wrapped, x), rtol=1e-5, atol=1e-6)
     # The whole fused kernel is one target too (PEFT's view of GPT-2's c_attn).
-    whole = lora_wrap(params, LoraConfig(r=2, targets=("c_fc",), fused={"c_fc": ("a", "b", "c")}), jax.random.key(4))
+    whole = lora_wrap(
+        params, LoraConfig(r=2, targets=("c_fc",), fused={"c_fc": ("a", "b", "c")}), jax.random.key(4)
+    )
     assert whole["params"]["layer_0"]["c_fc"]["lora_b"].shape == (2, 48)
 
 
@@ -161,12 +165,17 @@ def test_init_distributions():
     kaiming = lora_wrap(params, LoraConfig(r=64, targets=("m",)), jax.random.key(0))["m"]["lora_a"]
     assert np.abs(kaiming).max() <= 1 / math.sqrt(1024)
     assert np.std(kaiming) == pytest.approx(1 / math.sqrt(3 * 1024), rel=0.02)
-    gauss = lora_wrap(params, LoraConfig(r=64, targets=("m",), init="gaussian"), jax.random.key(0))["m"]["lora_a"]
+    gauss = lora_wrap(params, LoraConfig(r=64, targets=("m",), init="gaussian"), jax.random.key(0))["m"][
+        "lora_a"
+    ]
     assert np.std(gauss) == pytest.approx(1 / 64, rel=0.02)
 
 
 def test_scales():
-    params = {"m": {"kernel": np.zeros((64, 64), np.float32)}, "n": {"kernel": np.zeros((64, 64), np.float32)}}
+    params = {
+        "m": {"kernel": np.zeros((64, 64), np.float32)},
+        "n": {"kernel": np.zeros((64, 64), np.float32)},
+    }
     plain = lora_wrap(params, LoraConfig(r=16, alpha=32, targets=("m",)), jax.random.key(0))
     assert float(plain["m"]["lora_scale"]) == 2.0
     rs = lora_wrap(params, LoraConfig(r=16, alpha=32, targets=("m",), rslora=True), jax.random.key(0))
@@ -257,7 +266,10 @@ def test_roberta_base_query_value_r8_is_294912_lora_params():
                 "layer": {
                     str(i): {
                         "attention": {
-                            "self": {m: {"kernel": np.zeros((768, 768), np.float32)} for m in ("query", "key", "value")}
+                            "self": {
+                                m: {"kernel": np.zeros((768, 768), np.float32)}
+                                for m in ("query", "key", "value")
+                            }
                         }
                     }
                     for i in range(12)
@@ -281,8 +293,10 @@ def test_counts_and_round_trip_over_random_shapes(layers, d, d_out, r, targets):
     r = min(r, d, d_out)
     params = {
         "layer": {
-            str(i): {m: {"kernel": np.ones((d, d_out), np.float32), "bias": np.zeros(d_out, np.float32)}
-                     for m in ("q", "k", "v", "o")}
+            str(i): {
+                m: {"kernel": np.ones((d, d_out), np.float32), "bias": np.zeros(d_out, np.float32)}
+                for m in ("q", "k", "v", "o")
+            }
             for i in range(layers)
         }
     }

@@ -74,7 +74,11 @@ def overrides(tiny_bert: Path, tiny_glue: Path, results: Path, *extra: str) -> l
 
 
 def run_py(args: list[str], devices: int = 1, **popen) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
     env.pop("LORA_JAX_DEBUG", None)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "run.py"), *args],
@@ -169,8 +173,12 @@ def test_kill_9_then_rerun_resumes_to_identical_params(reference_run, tiny_bert,
     assert losses == [r["loss"] for r in read_jsonl(reference_run / "train.jsonl")]
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_bert, tiny_glue, tmp_path):
-    args = overrides(tiny_bert, tiny_glue, tmp_path, "optim.lr=1e30", "optim.save_every_steps=1", "optim.warmup_ratio=0")
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tiny_bert, tiny_glue, tmp_path
+):
+    args = overrides(
+        tiny_bert, tiny_glue, tmp_path, "optim.lr=1e30", "optim.save_every_steps=1", "optim.warmup_ratio=0"
+    )
     code, _, err = finish(run_py(args))
     assert code == 2
     message = err.strip().splitlines()[-1]
