@@ -261,9 +261,7 @@ def test_lora_targets_name_the_right_kernels(saved):
         assert matched[name] == sorted(layer.format(i) + s for i in range(2) for s in suffixes), name
 
 
-@pytest.mark.parametrize(
-    "length,buckets,max_position", [(12, 8, 64), (40, 16, 32), (9, -1, 4), (300, 256, 512)]
-)
+@pytest.mark.parametrize("length,buckets,max_position", [(12, 8, 64), (40, 16, 32), (9, -1, 4), (300, 256, 512)])
 def test_relative_positions_match_transformers(length, buckets, max_position):
     x = torch.zeros(1, length, 1)
     expected = hf_deberta.build_relative_position(x, x, bucket_size=buckets, max_position=max_position)
@@ -312,6 +310,4 @@ def test_hub_round_trip(saved, tmp_path):
     hub.to_pretrained(module, params, tmp_path, task=CLS)
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, transformers.DebertaV2ForSequenceClassification)
-    assert torch.equal(
-        _torch_run(reloaded, ids, mask, types).logits, _torch_run(model, ids, mask, types).logits
-    )
+    assert torch.equal(_torch_run(reloaded, ids, mask, types).logits, _torch_run(model, ids, mask, types).logits)

@@ -238,7 +238,7 @@ class DisentangledSelfAttention(nn.Module):
             if "p2c" in c.pos_att_type:
                 pos_query_proj = query_proj if c.share_att_key else _dense(c, width, "pos_query_proj")
                 pos_query = split_heads(pos_query_proj(rel, deterministic))
-                # Key j against the embedding of distance i - j seen from the key's side, then transposed.
+                # Key j against the embedding of distance i - j; gathered as [key, query], hence the swap.
                 p2c = jnp.einsum("bkhd,phd->bhkp", k, pos_query)
                 index = jnp.clip(-relative_pos + span, 0, 2 * span - 1)
                 p2c = jnp.take_along_axis(p2c, index[None, None], axis=-1)
