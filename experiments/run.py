@@ -17,12 +17,15 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import jax
 import jax.numpy as jnp
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lora_jax.adapters import load_adapter
@@ -73,7 +76,8 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     )  # fmt: skip
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = None) -> dict[str, Any]:
+    """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     task = get_task(cfg.task)  # an unknown task fails here, before anything loads
     OmegaConf.resolve(cfg)
@@ -90,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         num_labels=task.num_labels,
         dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype),
+        seed=cfg.seed,
         lora_dropout=cfg.lora.dropout,
         remat=cfg.model.remat,
     )
@@ -139,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 tags=list(cfg.logger.tags),
             )  # fmt: skip
         )
-    summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, loggers)
+    summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, loggers, on_epoch=on_epoch)
     summary.update(
         exp=cfg.exp_name, task=cfg.task, run=cfg.run, seed=cfg.seed, model=cfg.model.name_or_path,
         lora=lora.to_dict() if cfg.method == "lora" else None, git_commit=git_commit(),
@@ -156,11 +161,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Returns the best main metric: what a Hydra sweeper (hparams_search=lora_optuna) maximises. In a sweep
+    errors propagate, so the sweeper records a failed trial instead of the whole sweep exiting."""
     try:
-        run(cfg)
+        return run(cfg)["best"]
     except (LoraError, TrainingDiverged, OSError, ValueError, TypeError) as e:
-        if os.environ.get("LORA_JAX_DEBUG"):
+        if os.environ.get("LORA_JAX_DEBUG") or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

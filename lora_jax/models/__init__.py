@@ -11,7 +11,7 @@ How a model family plugs in (one file, `lora_jax/models/<family>.py`, plus its l
     config_from_hf(hf: dict, task: str, num_labels: int | None) -> Config
     config_to_hf(config: Config, task: str) -> dict                  a config.json transformers can load
     build(config: Config, task: str) -> flax.linen.Module
-    params_from_hf(state: dict[str, np.ndarray], config, task) -> (params, newly_initialised: list[str])
+    params_from_hf(state: dict[str, np.ndarray], config, task, seed=0) -> (params, newly_initialised: list[str])
     params_to_hf(params, config, task) -> dict[str, np.ndarray]     torch layout, HF key names
 
 Tasks: "base" (no head), "sequence-classification" (num_labels >= 2; num_labels == 1 is regression, as in HF),

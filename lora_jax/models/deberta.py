@@ -499,7 +499,7 @@ def _fresh(path: str, shape: tuple[int, ...], config: Config, rng: jax.Array) ->
 
 
 def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, rng: jax.Array | None = None
+    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
     """Params from an HF state dict.
 
@@ -507,7 +507,7 @@ def params_from_hf(
     backbone weight is an error; keys the model has no use for (MLM heads, buffers) are ignored.
     """
     state = {_canonical(k): v for k, v in state.items()}
-    rng = jax.random.key(0) if rng is None else rng
+    rng = jax.random.key(seed)
     dtype = jnp.dtype(config.param_dtype)
     flat, new = {}, []
     for path, shape in param_shapes(config, task).items():

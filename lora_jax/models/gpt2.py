@@ -379,12 +379,12 @@ def _set(tree: dict, path: str, value: Any) -> None:
 
 
 def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, rng: jax.Array | None = None
+    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
     """Flax params from an HF state dict (GPT2Model keys with or without `transformer.`, or a headed model's).
 
     A head the checkpoint lacks (or has with another shape) is initialised as HF would, N(0,
-    initializer_range), from `rng`, and its path returned in the second value. The tied `lm_head.weight` is
+    initializer_range), from `seed`, and its path returned in the second value. The tied `lm_head.weight` is
     ignored.
     """
     _check_task(task)
@@ -398,7 +398,7 @@ def params_from_hf(
             body[key.removeprefix("transformer.")] = value
 
     param_dtype = jnp.dtype(config.param_dtype)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rng = jax.random.key(seed)
     params: dict[str, Any] = {}
     new = []
     used = set()

@@ -31,6 +31,9 @@ FAMILIES = {
     "roberta": "lora_jax.models.bert",
     "deberta-v2": "lora_jax.models.deberta",
     "gpt2": "lora_jax.models.gpt2",
+    "t5": "lora_jax.models.t5",
+    "mt5": "lora_jax.models.t5",
+    "distilbert": "lora_jax.models.distilbert",
 }
 
 WEIGHTS = "model.safetensors"
@@ -133,12 +136,13 @@ def from_pretrained(
     num_labels: int | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    seed: int = 0,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
 
     Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and named
-    in one log line. `config_overrides` replace Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`.
+    in one log line; `seed` picks their init. `config_overrides` replace Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`.
     """
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
@@ -152,7 +156,7 @@ def from_pretrained(
     if unknown:
         raise TypeError(f"Unknown config overrides {unknown}; valid fields: {sorted(valid)}.")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    params, new = fam.params_from_hf(load_state(folder), config, task)
+    params, new = fam.params_from_hf(load_state(folder), config, task, seed=seed)
     if new:
         log.warning("newly initialised: %s", ", ".join(new))
     return fam.build(config, task), params, load_tokenizer(folder), config
