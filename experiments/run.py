@@ -45,6 +45,9 @@ OmegaConf.register_new_resolver(
     "package_model", lambda name: str(importlib.import_module(name).get_model_path()), replace=True
 )
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+# Table 5 keeps the LoRA parameter count fixed: with all adapted matrices d x d, k weight types get rank r_total / k.
+OmegaConf.register_new_resolver("budget_rank", lambda total, targets: max(1, int(total) // len(targets)), replace=True)
+OmegaConf.register_new_resolver("join", lambda items: "".join(str(i) for i in items), replace=True)
 
 
 def git_commit() -> str | None:
