@@ -1,0 +1,355 @@
+"""DistilBERT (Sanh et al. 2019) in Flax, matching transformers' DistilBertModel and its sequence classifier.
+
+DistilBERT is BERT halved by distillation: 6 layers instead of 12, no token-type embeddings, no pooler. Its
+blocks are post-LayerNorm like BERT's, but the attention output goes straight from `out_lin` into
+`sa_layer_norm` (no dropout there), and the classifier reads the first token through its own
+`pre_classifier` (dense + ReLU + dropout `seq_classif_dropout`) before `classifier`. Param names mirror
+transformers' (`distilbert.transformer.layer.0.attention.q_lin.kernel`), so checkpoints, LoRA targets and
+PEFT adapter keys translate one to one.
+
+Counting parameters, as for PEFT's seed example (distilbert-base-uncased, 2 labels, LoRA r=8 on q_lin and
+v_lin, head trained in full): backbone 66,362,880 + head 592,130 (pre_classifier 768*768+768 = 590,592,
+classifier 768*2+2 = 1,538) + LoRA 6 layers * 2 modules * 8*(768+768) = 147,456 gives
+`count_params` = trainable 739,586 of 67,102,466. PEFT prints 67,694,596 "all params" for the same model
+because `modules_to_save` keeps a frozen original copy of each trained head module beside the trained one,
+and counts both: 67,102,466 + 592,130. The trainable numbers agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.layers import Dense
+from lora_jax.lora import is_lora_leaf, leaf_paths
+
+MODEL_TYPES = ("distilbert",)
+LORA_TARGETS = {
+    "q": r"attention\.q_lin",
+    "k": r"attention\.k_lin",
+    "v": r"attention\.v_lin",
+    "o": r"attention\.out_lin",
+    "mlp": r"ffn\.lin1|ffn\.lin2",
+}
+FUSED: dict[str, tuple[str, ...]] = {}
+TASKS = ("base", "sequence-classification")
+HEADS = ("pre_classifier", "classifier")  # top-level modules a backbone checkpoint lacks
+PREFIX = "distilbert"
+LAYER_NORM_EPS = 1e-12  # fixed in transformers' DistilBERT, not a config field
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """transformers' DistilBertConfig field names (dim, n_layers, hidden_dim, ...), defaults included."""
+
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layers: int = 6
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    activation: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    seq_classif_dropout: float = 0.2
+    max_position_embeddings: int = 512
+    sinusoidal_pos_embds: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_labels: int = 2
+    dtype: Any = jnp.float32  # compute
+    param_dtype: Any = jnp.float32
+    lora_dropout: float = 0.0
+    remat: bool = False  # recompute each layer's activations in the backward pass: memory for ~30% time
+
+    @property
+    def model_type(self) -> str:
+        return "distilbert"
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}; fix config.json.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+
+
+_NOT_HF = {"dtype", "param_dtype", "lora_dropout", "remat", "num_labels"}
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"DistilBERT supports tasks {TASKS}, got {task!r}.")
+
+
+def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
+    if hf.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"distilbert.py handles model_type {MODEL_TYPES}, got {hf.get('model_type')!r}.")
+    _check_task(task)
+    if num_labels is None:
+        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    fields = {f.name for f in dataclasses.fields(Config)} - _NOT_HF
+    known = {k: v for k, v in hf.items() if k in fields and v is not None}
+    return Config(**known, num_labels=num_labels)
+
+
+def config_to_hf(config: Config, task: str) -> dict[str, Any]:
+    _check_task(task)
+    hf = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_HF}
+    hf["model_type"] = "distilbert"
+    hf["architectures"] = ["DistilBertModel" if task == "base" else "DistilBertForSequenceClassification"]
+    if task != "base":
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    return hf
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _dense(config: Config, features: int, name: str) -> Dense:
+    return Dense(
+        features,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        lora_dropout=config.lora_dropout,
+        name=name,
+    )
+
+
+def _layer_norm(config: Config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(LAYER_NORM_EPS, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
+    """Vaswani et al.'s fixed positions, laid out as transformers' DistilBERT does (sin even, cos odd columns)."""
+    angles = np.arange(n_pos)[:, None] / np.power(10000.0, 2 * (np.arange(dim) // 2) / dim)[None, :]
+    table = np.empty((n_pos, dim))
+    table[:, 0::2], table[:, 1::2] = np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])
+    return table.astype(np.float32)
+
+
+class Embeddings(nn.Module):
+    """word + position embeddings, LayerNorm, dropout (no token types: DistilBERT dropped them)."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, input_ids, deterministic: bool):
+        c = self.config
+        normal = nn.initializers.normal(c.initializer_range)
+        # A sinusoidal table is only where the weights start; transformers 5 leaves it trainable, and so do we.
+        sinusoid = lambda key, shape, dtype: jnp.asarray(sinusoidal_table(*shape), dtype)
+        embed = lambda n, init, name: nn.Embed(
+            n, c.dim, embedding_init=init, dtype=c.dtype, param_dtype=c.param_dtype, name=name
+        )
+        x = embed(c.vocab_size, normal, "word_embeddings")(input_ids)
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        pos_init = sinusoid if c.sinusoidal_pos_embds else normal
+        x = x + embed(c.max_position_embeddings, pos_init, "position_embeddings")(positions)
+        x = _layer_norm(c, "LayerNorm")(x)
+        return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """q_lin, k_lin, v_lin -> softmax(q k^T / sqrt(d)) v -> out_lin."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        c = self.config
+        head_dim = c.dim // c.n_heads
+        split = lambda t: t.reshape(*t.shape[:-1], c.n_heads, head_dim)  # (b, t, h, d)
+        q = split(_dense(c, c.dim, "q_lin")(x, deterministic))
+        k = split(_dense(c, c.dim, "k_lin")(x, deterministic))
+        v = split(_dense(c, c.dim, "v_lin")(x, deterministic))
+        # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return _dense(c, c.dim, "out_lin")(out.reshape(*out.shape[:-2], c.dim), deterministic)
+
+
+class FFN(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        c = self.config
+        h = ACTIVATIONS[c.activation](_dense(c, c.hidden_dim, "lin1")(x, deterministic))
+        h = _dense(c, c.dim, "lin2")(h, deterministic)
+        return nn.Dropout(c.dropout)(h, deterministic=deterministic)
+
+
+class TransformerBlock(nn.Module):
+    """attention -> sa_layer_norm(. + x) -> ffn -> output_layer_norm(. + .): post-LayerNorm, as BERT."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        c = self.config
+        x = _layer_norm(c, "sa_layer_norm")(MultiHeadSelfAttention(c, name="attention")(x, mask, deterministic) + x)
+        return _layer_norm(c, "output_layer_norm")(FFN(c, name="ffn")(x, deterministic) + x)
+
+
+class Layers(nn.Module):
+    """Children named "0", "1", ... so the tree reads transformer.layer.<i>, as in transformers."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        block = nn.remat(TransformerBlock, static_argnums=(3,)) if self.config.remat else TransformerBlock
+        for i in range(self.config.n_layers):
+            x = block(self.config, name=str(i))(x, mask, deterministic)
+        return x
+
+
+class Transformer(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        return Layers(self.config, name="layer")(x, mask, deterministic)
+
+
+class Backbone(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool):
+        x = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
+        x = Transformer(self.config, name="transformer")(x, attention_mask.astype(bool), deterministic)
+        return {"last_hidden_state": x}
+
+
+class Model(nn.Module):
+    """The backbone under "distilbert", plus the task's head on the first token."""
+
+    config: Config
+    task: str = "base"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        del token_type_ids  # accepted for a uniform call signature; DistilBERT has no segment embeddings
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        out = Backbone(c, name=PREFIX)(input_ids, attention_mask, deterministic)
+        if self.task == "sequence-classification":
+            x = jax.nn.relu(_dense(c, c.dim, "pre_classifier")(out["last_hidden_state"][:, 0], deterministic))
+            x = nn.Dropout(c.seq_classif_dropout)(x, deterministic=deterministic)
+            out["logits"] = _dense(c, c.num_labels, "classifier")(x, deterministic).astype(jnp.float32)
+        return out
+
+
+def build(config: Config, task: str = "base") -> Model:
+    _check_task(task)
+    return Model(config, task)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoint conversion
+# ------------------------------------------------------------------------------------------------------------
+
+_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _hf_key(path: str) -> str:
+    module, leaf = path.rsplit(".", 1)
+    return f"{module}.{_TO_HF[leaf]}"
+
+
+def param_shapes(config: Config, task: str) -> dict[str, tuple[int, ...]]:
+    """{dotted param path: shape} of a freshly built model, without allocating it."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    tree = jax.eval_shape(lambda: build(config, task).init(jax.random.key(0), ids))["params"]
+    return {path: tuple(leaf.shape) for path, leaf in leaf_paths(tree)}
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _fresh(path: str, shape: tuple[int, ...], config: Config, seed: int) -> jax.Array:
+    """transformers' _init_weights for a new head: N(0, initializer_range) weights, zero biases."""
+    dtype = jnp.dtype(config.param_dtype)
+    if path.endswith(".bias"):
+        return jnp.zeros(shape, dtype)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
+    return (config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def params_from_hf(
+    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
+) -> tuple[dict[str, Any], list[str]]:
+    """HF state dict (torch layout) -> nested params.
+
+    A missing or differently shaped head (pre_classifier, classifier) is initialised fresh and listed; a
+    missing backbone weight is an error; keys the model has no use for (the MLM head, buffers) are ignored.
+    Checkpoints saved from DistilBertModel carry no `distilbert.` prefix; they get one here.
+    """
+    _check_task(task)
+    prefixed = any(k.startswith(PREFIX + ".") for k in state)
+    state = {(k if prefixed or k.split(".", 1)[0] in HEADS else f"{PREFIX}.{k}"): v for k, v in state.items()}
+    flat, new = {}, []
+    for path, shape in param_shapes(config, task).items():
+        key = _hf_key(path)
+        weight = np.asarray(state[key]) if key in state else None
+        if weight is not None and path.endswith(".kernel"):
+            weight = weight.T
+        if weight is not None and weight.shape == shape:
+            flat[path] = jnp.asarray(weight, config.param_dtype)
+        elif path.split(".", 1)[0] in HEADS:
+            flat[path] = _fresh(path, shape, config, seed)
+            new.append(path.rsplit(".", 1)[0])
+        elif weight is None:
+            raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a DistilBERT checkpoint?")
+        else:
+            raise ValueError(f"checkpoint weight {key!r} has shape {weight.shape}; the config expects {shape}")
+    return _unflatten(flat), list(dict.fromkeys(new))
+
+
+def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
+    """HF state dict (torch layout); a base model's keys lack `distilbert.`, as DistilBertModel saves them."""
+    _check_task(task)
+    state = {}
+    for path, value in leaf_paths(params):
+        if is_lora_leaf(path):
+            raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")
+        value = np.asarray(value)
+        key = _hf_key(path)
+        if task == "base":
+            key = key.removeprefix(PREFIX + ".")
+        state[key] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
+    return state
