@@ -1,0 +1,302 @@
+"""One lora_jax measurement per process: the matmul peak, a training step (LoRA or full), or inference latency.
+
+The training step is lora_jax.train's own: `make_steps` + `make_optimizer` + `method_mask` + `partition`, jitted
+over the same one-axis mesh with the same output shardings and the same donation as `train()`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from benchmarks import flops
+from benchmarks.common import (
+    Spec,
+    current_rss_mb,
+    peak_rss_mb,
+    random_batch,
+    reset_peak_rss,
+    summarise,
+    time_calls,
+    worker_main,
+)
+from lora_jax import train as lj_train
+from lora_jax.lora import lora_wrap, merge, partition
+from lora_jax.models import hub
+
+
+def describe_devices() -> dict[str, Any]:
+    devices = jax.devices()
+    return {"backend": jax.default_backend(), "devices": [d.device_kind for d in devices], "count": len(devices)}
+
+
+def check_backend(spec: Spec) -> None:
+    if spec.gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu, but jax's backend is {jax.default_backend()!r}; install jax[cuda12].")
+
+
+def device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()  # None on CPU
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def load(spec: Spec):
+    dtype = jnp.bfloat16 if spec.gpu else jnp.float32
+    module, params, _, config = hub.from_pretrained(
+        spec.checkpoint, task="sequence-classification", num_labels=2, dtype=dtype
+    )
+    return module, params, config
+
+
+def lora_config(spec: Spec):
+    """The paper's GLUE setting: r = 8, alpha = 8 on W_q and W_v; the classification head trains too."""
+    return hub.lora_config(
+        "roberta", flops.LORA_MODULES, r=spec.lora_rank, alpha=spec.lora_rank, train_also=("classifier",)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matmul peak
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def peak(spec: Spec) -> dict[str, Any]:
+    check_backend(spec)
+    n, dtype = spec.matmul_size, (jnp.bfloat16 if spec.gpu else jnp.float32)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
+    matmul = jax.jit(jnp.dot)
+    timing = time_calls(lambda: matmul(a, b).block_until_ready(), spec.warmup, spec.steps)
+    return {
+        **timing,
+        "n": n,
+        "dtype": str(jnp.dtype(dtype)),
+        "gflops_best": 2 * n**3 / timing["min_s"] / 1e9,
+        "gflops_median": 2 * n**3 / timing["median_s"] / 1e9,
+        **describe_devices(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(spec: Spec) -> dict[str, Any]:
+    check_backend(spec)
+    rss_start = current_rss_mb()
+    module, params, _ = load(spec)
+    lcfg = lora_config(spec) if spec.method == "lora" else None
+    if lcfg is not None:
+        params = lora_wrap(params, lcfg, jax.random.key(0))
+
+    # As lora_jax.train.train() sets up its step, minus checkpoints and logging.
+    config = lj_train.TrainConfig(method=spec.method, batch_size=spec.batch, progress=False)
+    mesh = lj_train.make_mesh()
+    trainable, frozen = partition(params, lj_train.method_mask(params, spec.method, lcfg))
+    del params
+    tx = lj_train.make_optimizer(config, total_steps=10_000)
+    train_sh = lj_train.shardings_for(trainable, mesh, config.fsdp)
+    trainable = jax.device_put(trainable, train_sh)
+    frozen = jax.device_put(frozen, lj_train.shardings_for(frozen, mesh, config.fsdp))
+    opt_state = tx.init(trainable)
+    opt_sh = lj_train.shardings_for(opt_state, mesh, config.fsdp)
+    opt_state = jax.device_put(opt_state, opt_sh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn, _ = lj_train.make_steps(module, tx, num_labels=2, seed=config.seed)
+    jitted = jax.jit(step_fn, out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
+    batch = lj_train.place_batch(random_batch(spec.model_shape, spec.batch, spec.seq), mesh)
+    n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
+    n_total = n_trainable + sum(int(np.size(x)) for x in jax.tree.leaves(frozen))
+
+    state = {"trainable": trainable, "opt_state": opt_state, "step": 0}
+    del trainable, opt_state
+    losses = []
+
+    def one_step() -> None:
+        # As the real loop: a fresh step number (new dropout masks) and float(loss), which waits for the step.
+        s = state
+        s["trainable"], s["opt_state"], loss = jitted(
+            s["trainable"], s["opt_state"], frozen, batch, jnp.asarray(s["step"], jnp.int32)
+        )
+        losses.append(float(loss))
+        s["step"] += 1
+
+    rss_setup = current_rss_mb()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tick = time.perf_counter()
+        one_step()
+        compile_s = time.perf_counter() - tick
+    for _ in range(spec.warmup - 1):
+        one_step()
+    reset_ok = reset_peak_rss()
+    times = []
+    for _ in range(spec.steps):
+        tick = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - tick)
+    train_phase_peak = peak_rss_mb() if reset_ok else None
+    device_peak = device_peak_bytes()
+
+    args = (state["trainable"], state["opt_state"], frozen, batch, jnp.asarray(0, jnp.int32))
+    analysis = analyse(jitted, step_fn, args, spec)
+    timing = summarise(times)
+    return {
+        **timing,
+        "compile_s": compile_s,
+        "tokens_per_s": spec.batch * spec.seq / timing["median_s"],
+        "final_loss": losses[-1],
+        "losses_finite": bool(np.all(np.isfinite(losses))),
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "memory": {
+            "rss_at_start_mb": rss_start,
+            "rss_after_setup_mb": rss_setup,
+            "peak_rss_process_mb": peak_rss_mb(),
+            "peak_rss_training_mb": train_phase_peak,
+            "device_peak_bytes": device_peak,
+        },
+        "compilations": _cache_size(jitted),
+        "warnings": sorted({str(w.message).splitlines()[0] for w in caught}),
+        **analysis,
+        **describe_devices(),
+    }
+
+
+def _cache_size(jitted) -> int | None:
+    try:
+        return int(jitted._cache_size())  # private, but the one way to see recompilation from outside
+    except AttributeError:
+        return None
+
+
+def analyse(jitted, step_fn, args, spec: Spec) -> dict[str, Any]:
+    """XLA's FLOP and memory estimates of the compiled step, the jaxpr's matmul FLOPs, and what the HLO holds."""
+    tick = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    relower_s = time.perf_counter() - tick
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    memory = None
+    if mem is not None:
+        memory = {
+            k: getattr(mem, k)
+            for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+        }
+        memory["peak_estimate_bytes"] = (
+            memory["argument_size_in_bytes"]
+            + memory["output_size_in_bytes"]
+            - memory["alias_size_in_bytes"]
+            + memory["temp_size_in_bytes"]
+        )
+    return {
+        "xla_flops": float(cost.get("flops", float("nan"))) if cost else None,
+        "xla_bytes_accessed": float(cost.get("bytes accessed", float("nan"))) if cost else None,
+        "xla_memory": memory,
+        "jaxpr_matmul_flops": flops.jaxpr_matmul_flops(jax.make_jaxpr(step_fn)(*args)),
+        "hlo": hlo_stats(compiled.as_text(), spec),
+        "relower_compile_s": relower_s,
+    }
+
+
+def hlo_stats(text: str, spec: Spec) -> dict[str, Any]:
+    """Op counts of the optimised HLO that expose known waste: vocab x hidden buffers computed (not just passed
+    in) mean a dense embedding gradient and its AdamW update; the integer ops (xor, shifts) are threefry, the
+    dropout masks' random bits."""
+    instruction = re.compile(r"^\s*(?:ROOT\s+)?%\S+ = (\S+) ([\w-]+)\(")
+    ops, vocab_sized = {}, 0
+    vocab_shape = f"[{spec.model_shape.vocab},{spec.model_shape.hidden}]"
+    for line in text.splitlines():
+        m = instruction.match(line)
+        if not m:
+            continue
+        shape, op = m.groups()
+        ops[op] = ops.get(op, 0) + 1
+        vocab_sized += op != "parameter" and vocab_shape in shape
+    keys = ("dot", "custom-call", "fusion", "scatter", "copy", "transpose", "xor", "shift-right-logical")
+    return {"instructions": sum(ops.values()), **{k: ops.get(k, 0) for k in keys}, "vocab_sized": vocab_sized}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference latency: the base model, LoRA merged into it, and LoRA unmerged (the extra low-rank path)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _trained_looking(params: Any, scale: float = 0.02) -> Any:
+    """LoRA's B starts at zero; give it values, as after training, so that merging changes the kernels."""
+    key = jax.random.key(1)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if not name.startswith("lora_b"):
+            return leaf
+        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
+        return (scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, params)
+
+
+def infer(spec: Spec) -> dict[str, Any]:
+    check_backend(spec)
+    module, base, _ = load(spec)
+    unmerged = _trained_looking(lora_wrap(base, lora_config(spec), jax.random.key(0)))
+    merged = merge(unmerged)
+    variants = {"base": base, "merged": merged, "unmerged": unmerged}
+
+    @jax.jit
+    def forward(params, input_ids, attention_mask):
+        out = module.apply({"params": params}, input_ids, attention_mask, deterministic=True)
+        return out["logits"]
+
+    cases = []
+    for batch, seq, reps in spec.infer_cases:
+        data = random_batch(spec.model_shape, batch, seq)
+        ids, mask = jnp.asarray(data["input_ids"]), jnp.asarray(data["attention_mask"])
+        run = {n: (lambda p=p, i=ids, m=mask: forward(p, i, m).block_until_ready()) for n, p in variants.items()}
+        first = {}
+        for name, fn in run.items():
+            tick = time.perf_counter()
+            fn()
+            first[name] = time.perf_counter() - tick
+            for _ in range(spec.warmup - 1):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in run}
+        for rep in range(reps):  # interleaved, rotating the order, so drift hits every variant alike
+            names = list(run)
+            names = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in names:
+                tick = time.perf_counter()
+                run[name]()
+                times[name].append(time.perf_counter() - tick)
+        merged_vs_unmerged = float(
+            jnp.max(jnp.abs(forward(merged, ids, mask).astype(jnp.float32) - forward(unmerged, ids, mask)))
+        )
+        cases.append(
+            {
+                "batch": batch,
+                "seq": seq,
+                "variants": {n: summarise(t) | {"first_call_s": first[n]} for n, t in times.items()},
+                "merged_vs_unmerged_max_abs_logit_diff": merged_vs_unmerged,
+                "flops": {
+                    "base": flops.inference_flops(spec.model_shape, batch, seq),
+                    "unmerged": flops.inference_flops(spec.model_shape, batch, seq, spec.lora_rank),
+                },
+            }
+        )
+    return {"cases": cases, "compilations": _cache_size(forward), **describe_devices()}
+
+
+TASKS = {"peak": peak, "train": train, "infer": infer}
+
+if __name__ == "__main__":
+    worker_main(lambda spec: TASKS[spec.task](spec))
