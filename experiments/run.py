@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lora_jax.adapters import load_adapter
-from lora_jax.data import get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
+from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraError, count_params, lora_wrap
 from lora_jax.models.hub import from_pretrained, lora_config
@@ -82,7 +82,7 @@ def train_config(cfg: DictConfig) -> TrainConfig:
 def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = None) -> dict[str, Any]:
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
-    task = get_task(cfg.task)  # an unknown task fails here, before anything loads
+    task = task_from_config(cfg.task, cfg.data)  # an unknown task fails here, before anything loads
     OmegaConf.resolve(cfg)
     if cfg.distributed:
         jax.distributed.initialize()
@@ -120,17 +120,13 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
         print(count_params(params, lora))
 
     def split(name: str) -> dict:
-        return tokenize(
-            load_glue(task.name, name, cfg.data.dir, cfg.data.source), tokenizer, cfg.data.max_len
-        )
+        return tokenize(load_split(task, name, cfg.data), tokenizer, cfg.data.max_len)
 
     train_set = split("train")
     eval_sets = {name: split(name) for name in task.dev_splits}
     spec = EvalSpec(
         num_labels=task.num_labels,
-        metrics=lambda logits, labels: glue_metrics(
-            task.name, predictions_from_logits(task.name, logits), labels
-        ),
+        metrics=lambda logits, labels: glue_metrics(task, predictions_from_logits(task, logits), labels),
         main_metric=task.main_metric,
     )
     loggers = []

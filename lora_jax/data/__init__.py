@@ -3,21 +3,27 @@
 from lora_jax.data.batching import default_buckets, epoch_batches, eval_batches, num_batches, shard_batch
 from lora_jax.data.glue import GLUE_DIR_ENV, TASKS, GlueSplit, GlueTask, get_task, load_glue, tokenize
 from lora_jax.data.metrics import glue_metrics, main_metric, predictions_from_logits
+from lora_jax.data.text import TEXT_TASKS, file_task, load_split, load_text, task_from_config
 
 __all__ = [
     "GLUE_DIR_ENV",
     "TASKS",
+    "TEXT_TASKS",
     "GlueSplit",
     "GlueTask",
     "default_buckets",
     "epoch_batches",
     "eval_batches",
+    "file_task",
     "get_task",
     "glue_metrics",
     "load_glue",
+    "load_split",
+    "load_text",
     "main_metric",
     "num_batches",
     "predictions_from_logits",
     "shard_batch",
+    "task_from_config",
     "tokenize",
 ]

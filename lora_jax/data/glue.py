@@ -130,7 +130,9 @@ class GlueSplit:
         return len(self.text_a)
 
 
-def get_task(task: str) -> GlueTask:
+def get_task(task: str | GlueTask) -> GlueTask:
+    if isinstance(task, GlueTask):  # a task defined elsewhere (lora_jax.data.text) passes through
+        return task
     if task not in TASKS:
         raise ValueError(f"GLUE task {task!r} unknown; choose one of {', '.join(TASKS)}")
     return TASKS[task]
