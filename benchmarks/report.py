@@ -283,6 +283,12 @@ def markdown(results: dict[str, Any]) -> str:
             ],
             rows,
         )
+        n_cases, compiled = len(results["infer"]["cases"]), results["infer"].get("compilations")
+        out += [
+            f"Programs compiled: {_fmt(compiled)} for {n_cases} shapes x 3 variants; 2 per shape means the merged "
+            "params ran base's own executable (same tree, shapes and dtypes), so merged = base up to noise.",
+            "",
+        ]
 
     out += ["## Ratios and the issue's targets", ""]
     if gpu:
