@@ -264,6 +264,12 @@ def lora_wrap(params: Params, config: LoraConfig, rng: jax.Array) -> dict[str, A
         if t != ALL_LINEAR and not any(matches_module(t, target.name) for target, _ in targets)
     ]
     if unmatched:
+        excluded = [t for t in unmatched if any(matches_module(t, k) for k in available_kernels(params, config))]
+        if excluded:
+            raise LoraError(
+                f"LoRA targets {excluded} only match modules under LoraConfig.exclude {list(config.exclude)}; "
+                "pass exclude=() to adapt them (or train them fully with train_also)."
+            )
         raise LoraError(
             f"LoRA targets {unmatched} match no kernel; available: "
             f"{_summarise(available_kernels(params, config))}."

@@ -343,6 +343,14 @@ def test_target_matching_nothing_lists_available_kernels():
         lora_wrap(params, LoraConfig(targets=("query", "qq")), jax.random.key(0))
 
 
+def test_target_matching_only_an_excluded_head_says_so():
+    _, params, _ = tiny()
+    with pytest.raises(LoraError, match=r"\['classifier'\] only match modules under LoraConfig.exclude"):
+        lora_wrap(params, LoraConfig(targets=("query", "classifier")), jax.random.key(0))
+    wrapped = lora_wrap(params, LoraConfig(r=2, targets=("classifier",), exclude=()), jax.random.key(0))
+    assert "lora_a" in wrapped["params"]["classifier"]
+
+
 def test_rank_above_min_dim_and_wrapping_twice():
     _, params, _ = tiny()
     with pytest.raises(LoraError, match="rank 17 exceeds min"):
