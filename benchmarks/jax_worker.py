@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import flops
 from benchmarks.common import (
@@ -29,7 +28,7 @@ from benchmarks.common import (
     worker_main,
 )
 from lora_jax import train as lj_train
-from lora_jax.lora import lora_wrap, merge, partition
+from lora_jax.lora import lora_wrap, merge
 from lora_jax.models import hub
 
 
@@ -101,18 +100,11 @@ def train(spec: Spec) -> dict[str, Any]:
     # As lora_jax.train.train() sets up its step, minus checkpoints and logging.
     config = lj_train.TrainConfig(method=spec.method, batch_size=spec.batch, progress=False)
     mesh = lj_train.make_mesh()
-    trainable, frozen = partition(params, lj_train.method_mask(params, spec.method, lcfg))
+    prepared = lj_train.prepare(module, params, config, num_labels=2, total_micro_steps=10_000, mesh=mesh,
+                                lora_config=lcfg)  # fmt: skip
     del params
-    tx = lj_train.make_optimizer(config, total_steps=10_000)
-    train_sh = lj_train.shardings_for(trainable, mesh, config.fsdp)
-    trainable = jax.device_put(trainable, train_sh)
-    frozen = jax.device_put(frozen, lj_train.shardings_for(frozen, mesh, config.fsdp))
-    opt_state = tx.init(trainable)
-    opt_sh = lj_train.shardings_for(opt_state, mesh, config.fsdp)
-    opt_state = jax.device_put(opt_state, opt_sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn, _ = lj_train.make_steps(module, tx, num_labels=2, seed=config.seed)
-    jitted = jax.jit(step_fn, out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
+    jitted, trainable, frozen, opt_state = prepared.train_step, prepared.trainable, prepared.frozen, prepared.opt_state
+    step_fn = jitted.__wrapped__
     batch = lj_train.place_batch(random_batch(spec.model_shape, spec.batch, spec.seq), mesh)
     n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(int(np.size(x)) for x in jax.tree.leaves(frozen))

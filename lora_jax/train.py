@@ -210,6 +210,42 @@ def place_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     }
 
 
+@dataclasses.dataclass
+class Prepared:
+    """Everything a loop (or a benchmark) needs to run the real step."""
+
+    train_step: Callable  # (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, loss)
+    eval_step: Callable  # (trainable, frozen, batch) -> logits
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+
+def prepare(
+    module: nn.Module,
+    params: Params,
+    config: TrainConfig,
+    num_labels: int,
+    total_micro_steps: int,
+    mesh: Mesh,
+    lora_config: LoraConfig | None = None,
+) -> Prepared:
+    """Split the params by `config.method`, place both halves and the optimizer state on the mesh, and jit the
+    steps (donating the trainable half and the optimizer state, so an update reuses their buffers)."""
+    trainable, frozen = partition(params, method_mask(params, config.method, lora_config))
+    tx = make_optimizer(config, math.ceil(total_micro_steps / config.grad_accum))
+    train_sh = shardings_for(trainable, mesh, config.fsdp)
+    trainable = jax.device_put(trainable, train_sh)
+    frozen = jax.device_put(frozen, shardings_for(frozen, mesh, config.fsdp))
+    opt_state = tx.init(trainable)
+    opt_sh = shardings_for(opt_state, mesh, config.fsdp)
+    opt_state = jax.device_put(opt_state, opt_sh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train_step, eval_step = make_steps(module, tx, num_labels, config.seed)
+    train_step = jax.jit(train_step, out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
+    return Prepared(train_step, jax.jit(eval_step), trainable, frozen, opt_state)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,35 +276,26 @@ def train(
     lora_config: LoraConfig | None = None,
     loggers: Sequence[Logger] = (),
     mesh: Mesh | None = None,
+    on_epoch: Callable[[int, float, dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `params` (already LoRA-wrapped for method "lora"), resuming from `out_dir` if it holds a run.
 
+    `on_epoch(epoch, main metric, metrics record)` runs after each epoch's eval and checkpoint; returning True
+    ends training there (how a hyperparameter search prunes a trial; the summary says `stopped_early`).
     Returns the summary: best main metric and its epoch, per-epoch metrics, trainable params, wall time,
     tokens/s. Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.
     """
     out_dir = Path(out_dir)
     mesh = mesh or make_mesh()
     n_dev = mesh.devices.size
-    mask = method_mask(params, config.method, lora_config)
-    trainable, frozen = partition(params, mask)
     steps_per_epoch = num_batches(train_set, config.batch_size)
     total_micro = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_micro = min(total_micro, config.max_steps)
-    tx = make_optimizer(config, math.ceil(total_micro / config.grad_accum))
     schedule = linear_schedule(config, math.ceil(total_micro / config.grad_accum))
-
-    train_sh = shardings_for(trainable, mesh, config.fsdp)
-    trainable = jax.device_put(trainable, train_sh)
-    frozen = jax.device_put(frozen, shardings_for(frozen, mesh, config.fsdp))
-    opt_state = tx.init(trainable)
-    opt_sh = shardings_for(opt_state, mesh, config.fsdp)
-    opt_state = jax.device_put(opt_state, opt_sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    train_step, eval_step = make_steps(module, tx, spec.num_labels, config.seed)
-    train_step = jax.jit(train_step, out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
-    eval_step = jax.jit(eval_step)
+    prepared = prepare(module, params, config, spec.num_labels, total_micro, mesh, lora_config)
+    train_step, eval_step = prepared.train_step, prepared.eval_step
+    trainable, frozen, opt_state = prepared.trainable, prepared.frozen, prepared.opt_state
 
     checkpoints = RunCheckpoints(out_dir / "checkpoints")
     meta = {
@@ -289,6 +316,7 @@ def train(
 
     n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
     step = meta["step"]
+    stopped_early = False
     started = time.perf_counter() - meta["wall_time"]
     bar = tqdm(total=total_micro, initial=step, disable=not config.progress, dynamic_ncols=True, unit="step")
 
@@ -296,7 +324,7 @@ def train(
         meta.update(step=step, wall_time=time.perf_counter() - started)
         checkpoints.save_latest(step, {"trainable": trainable, "opt_state": opt_state}, meta)
 
-    while step < total_micro:
+    while step < total_micro and not stopped_early:
         epoch, skip = divmod(step, steps_per_epoch)
         meta["epoch"] = epoch
         for batch in epoch_batches(
@@ -348,6 +376,8 @@ def train(
                 meta.update(best=record[main_key], best_epoch=epoch)
                 checkpoints.save_best(step, trainable, {"epoch": epoch, "metrics": record})
             save_latest()
+            if on_epoch is not None and on_epoch(epoch, record[main_key], record):
+                stopped_early = step < total_micro
     bar.close()
 
     wall = time.perf_counter() - started
@@ -361,6 +391,7 @@ def train(
         "trainable_params": n_trainable,
         "total_params": counts.total,
         "steps": step,
+        "stopped_early": stopped_early,
         "wall_time_s": wall,
         "tokens_per_s": meta["tokens"] / wall if wall > 0 else None,
     }
