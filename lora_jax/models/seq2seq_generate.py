@@ -59,8 +59,6 @@ def generate(
         raise ValueError(f"generate needs a seq2seq-lm model, got task {task!r}; build(config, 'seq2seq-lm').")
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"need num_beams >= 1 and max_new_tokens >= 1, got {num_beams} and {max_new_tokens}.")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if num_beams == 1:
@@ -111,7 +109,6 @@ def _greedy(module, params, input_ids, attention_mask, max_new_tokens):
     return jax.lax.while_loop(keep_going, one_step, state)[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
 def beam_search(
     module: Any,
     params: Mapping[str, Any],
@@ -124,9 +121,23 @@ def beam_search(
 ) -> tuple[jax.Array, jax.Array]:
     """(best tokens (batch, max_new_tokens), their scores (batch,)), as transformers' beam search.
 
+    `length_penalty` and `early_stopping` are data, not part of the compiled program: trying other values
+    does not recompile.
     Cross-attention keys/values are computed once per beam row and then gathered with the rest of the cache;
     they are the same for every beam of a row, so gathering keeps them right at no extra cost in code.
     """
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
+    stop_when_full, never = early_stopping is True, early_stopping == "never"
+    return _beam_search(
+        module, params, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, stop_when_full, never
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _beam_search(
+    module, params, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, stop_when_full, never
+):
     c = module.config
     batch, k, steps = input_ids.shape[0], num_beams, max_new_tokens
     candidates = 2 * k  # transformers keeps max(2, 1 + n_eos) * num_beams; one eos here
@@ -157,7 +168,7 @@ def beam_search(
         # Finished: candidates among the top k that just finished join the pool if they beat it.
         just_finished = hits & (jnp.arange(candidates) < k)[None, :]
         scores = top_scores / (step + 1.0) ** length_penalty
-        full = jnp.all(state.is_finished, axis=-1, keepdims=True) & (early_stopping is True)
+        full = jnp.all(state.is_finished, axis=-1, keepdims=True) & stop_when_full
         scores = scores + full * _NEG + (~state.improvable) * _NEG + (~just_finished) * _NEG
         merged_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
         pool = jax.lax.top_k(merged_scores, k)[1]
@@ -166,15 +177,15 @@ def beam_search(
         finished_scores = gather(merged_scores, pool)
 
         # Could a running beam still beat the worst finished one? (transformers' _check_early_stop_heuristic)
-        length = steps if (early_stopping == "never" and length_penalty > 0) else step + 1
-        best_running = running_scores[:, :1] / (length + 0.0) ** length_penalty
+        length = jnp.where(never & (length_penalty > 0), steps, step + 1).astype(jnp.float32)
+        best_running = running_scores[:, :1] / length**length_penalty
         worst = jnp.where(is_finished, jnp.min(finished_scores, axis=1, keepdims=True), _NEG)
         improvable = state.improvable & jnp.any(best_running > worst, axis=-1, keepdims=True)
         return Beams(running, running_scores, finished, finished_scores, is_finished, improvable, hits, cache)
 
     def keep_going(carry):
         step, state = carry
-        open_beams = ~(jnp.all(state.is_finished) & (early_stopping is True))
+        open_beams = ~(jnp.all(state.is_finished) & stop_when_full)
         return (step < steps) & jnp.any(state.improvable) & open_beams & ~jnp.all(state.hits)
 
     def one_step(carry):
