@@ -192,7 +192,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["task=mrcp"], "error: GLUE task 'mrcp' unknown; choose one of cola, sst2, mrpc"),
+        (["task=mrcp"], "error: Task 'mrcp' unknown; choose one of cola, sst2, mrpc"),
         (["lora.r=0"], "error: LoRA r must be a positive integer, got 0"),
         (["data.dir=/nonexistent"], "error: No GLUE data for MRPC split 'train' under /nonexistent"),
     ],

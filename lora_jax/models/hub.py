@@ -142,7 +142,8 @@ def from_pretrained(
     """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
 
     Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and named
-    in one log line; `seed` picks their init. `config_overrides` replace Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`.
+    in one log line; `seed` picks their init. `config_overrides` replace Config fields, e.g.
+    `hidden_dropout_prob=0.0, remat=True`.
     """
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
