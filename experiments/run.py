@@ -100,6 +100,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
         seed=cfg.seed,
         lora_dropout=cfg.lora.dropout,
         remat=cfg.model.remat,
+        **OmegaConf.to_container(cfg.model.get("overrides") or {}),
     )
     lora = lora_config(
         model_config.model_type,
