@@ -306,6 +306,7 @@ def train(
         "best_epoch": None,
         "wall_time": 0.0,
         "tokens": 0,
+        "step_time": 0.0,
     }
     restored = checkpoints.restore_latest({"trainable": trainable, "opt_state": opt_state})
     if restored is not None:
@@ -344,6 +345,7 @@ def train(
             step += 1
             tokens = _tokens(batch)
             meta["tokens"] += tokens
+            meta["step_time"] = meta.get("step_time", 0.0) + time.perf_counter() - tick
             lr = float(schedule(step // config.grad_accum))
             bar.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - tick):.0f}"
@@ -393,7 +395,8 @@ def train(
         "steps": step,
         "stopped_early": stopped_early,
         "wall_time_s": wall,
-        "tokens_per_s": meta["tokens"] / wall if wall > 0 else None,
+        # Real (unpadded) tokens over time spent in steps: compiles and evals excluded.
+        "tokens_per_s": meta["tokens"] / meta["step_time"] if meta.get("step_time") else None,
     }
     if config.method == "lora" and meta["best"] is not None:
         # The best epoch's adapter, in the format analysis tools and load_adapter read.
