@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,20 @@ import numpy as np
 
 from lora_jax.layers import Dense
 from lora_jax.lora import leaf_paths
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    Layers,
+    abstract_params,
+    dense,
+    fresh,
+    hf_fields,
+    hf_key,
+    label_maps,
+    layer_norm,
+    masked_softmax,
+    num_labels_from_hf,
+    unflatten,
+)
 
 MODEL_TYPES = ("bert", "roberta")
 LORA_TARGETS = {
@@ -34,15 +47,6 @@ LORA_TARGETS = {
 FUSED: dict[str, tuple[str, ...]] = {}
 TASKS = ("base", "sequence-classification")
 HEADS = ("classifier", "pooler")  # modules a checkpoint may lack: initialised fresh, as transformers does
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,25 +90,20 @@ def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = No
             f"position_embedding_type={hf['position_embedding_type']!r} is not supported; only 'absolute'."
         )
     if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
-        raise ValueError(
-            f"hidden_act={hf['hidden_act']!r} is not supported; use one of {sorted(ACTIVATIONS)}"
-        )
-    if num_labels is None:
-        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
-    fields = {f.name for f in dataclasses.fields(Config)} - {"dtype", "param_dtype", "lora_dropout", "remat"}
-    return Config(**{k: v for k, v in hf.items() if k in fields and k != "num_labels"}, num_labels=num_labels)
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    num_labels = num_labels_from_hf(hf, num_labels)
+    fields = set(hf_fields(Config, skip=("num_labels",)))
+    return Config(**{k: v for k, v in hf.items() if k in fields}, num_labels=num_labels)
 
 
 def config_to_hf(config: Config, task: str) -> dict[str, Any]:
     _check_task(task)
-    skip = {"dtype", "param_dtype", "lora_dropout", "remat", "num_labels"}
-    hf = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    hf = {name: getattr(config, name) for name in hf_fields(Config, skip=("num_labels",))}
     name = {"bert": "Bert", "roberta": "Roberta"}[config.model_type]
     head = "Model" if task == "base" else "ForSequenceClassification"
     hf["architectures"] = [name + head]
     if task != "base":
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        hf.update(label_maps(config.num_labels))
     if config.model_type == "roberta":
         hf.setdefault("bos_token_id", 0)
         hf.setdefault("eos_token_id", 2)
@@ -122,18 +121,11 @@ def _check_task(task: str) -> None:
 
 
 def _dense(config: Config, features: int, name: str) -> Dense:
-    return Dense(
-        features,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        lora_dropout=config.lora_dropout,
-        name=name,
-    )
+    return dense(config, features, name, config.initializer_range)
 
 
 def _layer_norm(config: Config, name: str = "LayerNorm") -> nn.LayerNorm:
-    return nn.LayerNorm(config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+    return layer_norm(config, config.layer_norm_eps, name)
 
 
 def position_ids(config: Config, input_ids: jax.Array) -> jax.Array:
@@ -176,10 +168,8 @@ class SelfAttention(nn.Module):
         q = split(_dense(c, c.hidden_size, "query")(x, deterministic))
         k = split(_dense(c, c.hidden_size, "key")(x, deterministic))
         v = split(_dense(c, c.hidden_size, "value")(x, deterministic))
-        # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
         probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return out.reshape(*out.shape[:-2], c.hidden_size)
@@ -229,25 +219,13 @@ class Intermediate(nn.Module):
         return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense")(x, deterministic))
 
 
-class Layers(nn.Module):
-    """Children named "0", "1", ... so the tree reads encoder.layer.<i>, as in transformers."""
-
-    config: Config
-
-    @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        block = nn.remat(TransformerLayer, static_argnums=(3,)) if self.config.remat else TransformerLayer
-        for i in range(self.config.num_hidden_layers):
-            x = block(self.config, name=str(i))(x, mask, deterministic)
-        return x
-
-
 class Encoder(nn.Module):
     config: Config
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
-        return Layers(self.config, name="layer")(x, mask, deterministic)
+        c = self.config
+        return Layers(TransformerLayer, c, c.num_hidden_layers, name="layer")(x, mask, deterministic)
 
 
 class Pooler(nn.Module):
@@ -325,19 +303,11 @@ def build(config: Config, task: str = "base") -> Model:
 # Checkpoint conversion
 # ------------------------------------------------------------------------------------------------------------
 
-_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def _hf_key(path: str) -> str:
-    module, leaf = path.rsplit(".", 1)
-    return f"{module}.{_TO_HF[leaf]}"
-
 
 def param_shapes(config: Config, task: str) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{dotted param path: (shape, dtype)} of a freshly built model, without allocating it."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    shapes = jax.eval_shape(lambda: build(config, task).init(jax.random.key(0), ids)["params"])
-    return {p: (tuple(s.shape), s.dtype) for p, s in leaf_paths(shapes)}
+    shapes = abstract_params(build(config, task), jnp.zeros((1, 2), jnp.int32))
+    return {p: (tuple(s.shape), s.dtype) for p, s in shapes.items()}
 
 
 def _normalise_keys(state: Mapping[str, Any], config: Config) -> dict[str, Any]:
@@ -350,17 +320,6 @@ def _normalise_keys(state: Mapping[str, Any], config: Config) -> dict[str, Any]:
     return out
 
 
-def _fresh(path: str, shape: tuple[int, ...], dtype: Any, config: Config, seed: int) -> jax.Array:
-    """transformers' _init_weights: N(0, initializer_range) weights, zero biases, unit LayerNorm scales."""
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return jnp.zeros(shape, dtype)
-    if leaf == "scale":
-        return jnp.ones(shape, dtype)
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
-    return (config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
 def params_from_hf(
     state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
@@ -368,11 +327,11 @@ def params_from_hf(
     state = _normalise_keys(state, config)
     flat, new = {}, []
     for path, (shape, _) in param_shapes(config, task).items():
-        key = _hf_key(path)
+        key = hf_key(path)
         if key not in state:
             if not any(h in path.split(".") for h in HEADS):
                 raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a {config.model_type}?")
-            flat[path] = _fresh(path, shape, config.param_dtype, config, seed)
+            flat[path] = fresh(path, shape, config.initializer_range, config.param_dtype, seed)
             new.append(path.rsplit(".", 1)[0])
             continue
         value = np.asarray(state[key])
@@ -381,7 +340,7 @@ def params_from_hf(
         if value.shape != shape:
             raise ValueError(f"checkpoint weight {key!r} has shape {value.shape}; the config expects {shape}")
         flat[path] = jnp.asarray(value, config.param_dtype)
-    return _unflatten(flat), list(dict.fromkeys(new))
+    return unflatten(flat), list(dict.fromkeys(new))
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
@@ -389,19 +348,8 @@ def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[s
     state = {}
     for path, value in leaf_paths(params):
         value = np.asarray(value)
-        key = _hf_key(path)
+        key = hf_key(path)
         if task == "base":
             key = key.removeprefix(config.prefix + ".")
         state[key] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
     return state
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree

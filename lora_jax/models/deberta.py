@@ -13,9 +13,7 @@ so checkpoints, LoRA targets and PEFT adapter keys translate one to one.
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense
-from lora_jax.lora import is_lora_leaf, leaf_paths
+from lora_jax.lora import leaf_paths
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    abstract_params,
+    check_merged,
+    dense,
+    fresh,
+    hf_fields,
+    hf_key,
+    label_maps,
+    layer_norm,
+    masked_softmax,
+    maybe_remat,
+    num_labels_from_hf,
+    unflatten,
+)
 
 MODEL_TYPES = ("deberta-v2",)
 LORA_TARGETS = {
@@ -37,18 +50,6 @@ LORA_TARGETS = {
 FUSED: dict[str, tuple[str, ...]] = {}
 TASKS = ("base", "sequence-classification")
 HEADS = ("pooler", "classifier")  # top-level params a backbone checkpoint may lack
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
-    "gelu_new": partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,25 +157,12 @@ def relative_positions(length: int, bucket_size: int = -1, max_position: int = -
 
 
 def _dense(config: Config, features: int, name: str, use_bias: bool = True) -> Dense:
-    return Dense(
-        features,
-        use_bias=use_bias,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        lora_dropout=config.lora_dropout,
-        name=name,
-    )
+    return dense(config, features, name, config.initializer_range, use_bias)
 
 
 def _layer_norm(config: Config, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        use_fast_variance=False,  # torch's two-pass variance; the one-pass form drifts at eps = 1e-7
-        name=name,
-    )
+    # torch's two-pass variance; the one-pass form drifts at eps = 1e-7
+    return layer_norm(config, config.layer_norm_eps, name, two_pass=True)
 
 
 def _embed(config: Config, num: int, features: int, name: str) -> nn.Embed:
@@ -246,9 +234,7 @@ class DisentangledSelfAttention(nn.Module):
 
         # Softmax in float32 so bf16 compute does not lose the small probabilities; a padded query sees
         # only masked keys and gets HF's uniform row.
-        pair = mask[:, None, :, None] & mask[:, None, None, :]
-        scores = jnp.where(pair, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = masked_softmax(scores, mask[:, None, :, None] & mask[:, None, None, :], v.dtype)
         probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return context.reshape(*context.shape[:-2], width)
@@ -303,8 +289,7 @@ class Layers(nn.Module):
 
     @nn.compact
     def __call__(self, index: int, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
-        # static_argnums counts `self` as 0: deterministic is argument 5.
-        layer = nn.remat(Layer, static_argnums=(5,)) if self.config.remat else Layer
+        layer = maybe_remat(Layer, self.config.remat, deterministic_argnum=5)
         return layer(self.config, name=str(index))(x, mask, relative_pos, rel_embeddings, deterministic)
 
 
@@ -415,11 +400,7 @@ def _check_task(task: str) -> None:
 # Hugging Face configs
 # ------------------------------------------------------------------------------------------------------------
 
-_HF_FIELDS = [
-    f.name
-    for f in dataclasses.fields(Config)
-    if f.name not in ("num_labels", "dtype", "param_dtype", "lora_dropout", "remat")
-]
+_HF_FIELDS = hf_fields(Config, skip=("num_labels",))
 
 
 def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
@@ -427,8 +408,7 @@ def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = No
     if hf.get("model_type", "deberta-v2") not in MODEL_TYPES:
         raise ValueError(f"model_type {hf.get('model_type')!r} is not DeBERTa-v2; use the matching family.")
     fields = {name: hf[name] for name in _HF_FIELDS if hf.get(name) is not None}
-    if num_labels is None:
-        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    num_labels = num_labels_from_hf(hf, num_labels)
     return Config(**fields, num_labels=int(num_labels))
 
 
@@ -441,19 +421,13 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
     classify = task == "sequence-classification"
     hf["architectures"] = ["DebertaV2ForSequenceClassification" if classify else "DebertaV2Model"]
     if classify:
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        hf.update(label_maps(config.num_labels))
     return hf
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Hugging Face checkpoints
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _hf_name(path: str) -> str:
-    module, leaf = path.rsplit(".", 1)
-    return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
 
 
 def _swap_layout(path: str, array: np.ndarray) -> np.ndarray:
@@ -470,32 +444,8 @@ def _canonical(key: str) -> str:
 
 def param_shapes(config: Config, task: str) -> dict[str, tuple[int, ...]]:
     """{dotted param path: shape}, without allocating anything."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    tree = jax.eval_shape(lambda: build(config, task).init(jax.random.key(0), ids))["params"]
-    return {path: tuple(leaf.shape) for path, leaf in leaf_paths(tree)}
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, name = path.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = leaf
-    return tree
-
-
-def _fresh(path: str, shape: tuple[int, ...], config: Config, rng: jax.Array) -> jax.Array:
-    """HF init for what a checkpoint lacks: normal(initializer_range) weight, zero bias, unit scale."""
-    dtype = jnp.dtype(config.param_dtype)
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return jnp.zeros(shape, dtype)
-    if leaf == "scale":
-        return jnp.ones(shape, dtype)
-    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-    return (config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    shapes = abstract_params(build(config, task), jnp.zeros((1, 1), jnp.int32))
+    return {path: tuple(leaf.shape) for path, leaf in shapes.items()}
 
 
 def params_from_hf(
@@ -507,32 +457,30 @@ def params_from_hf(
     backbone weight is an error; keys the model has no use for (MLM heads, buffers) are ignored.
     """
     state = {_canonical(k): v for k, v in state.items()}
-    rng = jax.random.key(seed)
     dtype = jnp.dtype(config.param_dtype)
     flat, new = {}, []
     for path, shape in param_shapes(config, task).items():
-        key = _hf_name(path)
+        key = hf_key(path)
         weight = _swap_layout(path, np.asarray(state[key])) if key in state else None
         if weight is not None and weight.shape == shape:
             flat[path] = jnp.asarray(weight, dtype)
         elif path.split(".", 1)[0] in HEADS:
-            flat[path] = _fresh(path, shape, config, rng)
+            flat[path] = fresh(path, shape, config.initializer_range, config.param_dtype, seed)
             new.append(path)
         elif weight is None:
             raise KeyError(f"Checkpoint has no {key!r}; is it a DeBERTa-v2/v3 checkpoint for this config?")
         else:
             raise ValueError(f"{key}: checkpoint shape {weight.shape} != model's {shape}; check config.json.")
-    return _unflatten(flat), new
+    return unflatten(flat), new
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
     """HF state dict (torch layouts); a base model's keys lack `deberta.`, as DebertaV2Model saves them."""
     _check_task(task)
+    check_merged(params)
     out = {}
     for path, leaf in leaf_paths(params):
-        if is_lora_leaf(path):
-            raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")
-        key = _hf_name(path)
+        key = hf_key(path)
         if task == "base":
             key = key.removeprefix("deberta.")
         out[key] = np.ascontiguousarray(_swap_layout(path, np.asarray(leaf)))

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +28,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense
-from lora_jax.lora import is_lora_leaf, leaf_paths
+from lora_jax.lora import leaf_paths
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    NOT_HF,
+    Layers,
+    abstract_params,
+    check_merged,
+    dense,
+    fresh,
+    hf_key,
+    label_maps,
+    layer_norm,
+    masked_softmax,
+    num_labels_from_hf,
+    unflatten,
+)
 
 MODEL_TYPES = ("distilbert",)
 LORA_TARGETS = {
@@ -45,15 +58,6 @@ TASKS = ("base", "sequence-classification")
 HEADS = ("pre_classifier", "classifier")  # top-level modules a backbone checkpoint lacks
 PREFIX = "distilbert"
 LAYER_NORM_EPS = 1e-12  # fixed in transformers' DistilBERT, not a config field
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
-    "gelu_new": partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,7 @@ class Config:
             raise ValueError(f"activation={self.activation!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
 
 
-_NOT_HF = {"dtype", "param_dtype", "lora_dropout", "remat", "num_labels"}
+_NOT_HF = {*NOT_HF, "num_labels"}
 
 
 def _check_task(task: str) -> None:
@@ -102,8 +106,7 @@ def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = No
     if hf.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"distilbert.py handles model_type {MODEL_TYPES}, got {hf.get('model_type')!r}.")
     _check_task(task)
-    if num_labels is None:
-        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    num_labels = num_labels_from_hf(hf, num_labels)
     fields = {f.name for f in dataclasses.fields(Config)} - _NOT_HF
     known = {k: v for k, v in hf.items() if k in fields and v is not None}
     return Config(**known, num_labels=num_labels)
@@ -115,8 +118,7 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
     hf["model_type"] = "distilbert"
     hf["architectures"] = ["DistilBertModel" if task == "base" else "DistilBertForSequenceClassification"]
     if task != "base":
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        hf.update(label_maps(config.num_labels))
     return hf
 
 
@@ -126,18 +128,11 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
 
 
 def _dense(config: Config, features: int, name: str) -> Dense:
-    return Dense(
-        features,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        lora_dropout=config.lora_dropout,
-        name=name,
-    )
+    return dense(config, features, name, config.initializer_range)
 
 
 def _layer_norm(config: Config, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(LAYER_NORM_EPS, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+    return layer_norm(config, LAYER_NORM_EPS, name)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
@@ -183,10 +178,8 @@ class MultiHeadSelfAttention(nn.Module):
         q = split(_dense(c, c.dim, "q_lin")(x, deterministic))
         k = split(_dense(c, c.dim, "k_lin")(x, deterministic))
         v = split(_dense(c, c.dim, "v_lin")(x, deterministic))
-        # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
         probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return _dense(c, c.dim, "out_lin")(out.reshape(*out.shape[:-2], c.dim), deterministic)
@@ -215,25 +208,12 @@ class TransformerBlock(nn.Module):
         return _layer_norm(c, "output_layer_norm")(FFN(c, name="ffn")(x, deterministic) + x)
 
 
-class Layers(nn.Module):
-    """Children named "0", "1", ... so the tree reads transformer.layer.<i>, as in transformers."""
-
-    config: Config
-
-    @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        block = nn.remat(TransformerBlock, static_argnums=(3,)) if self.config.remat else TransformerBlock
-        for i in range(self.config.n_layers):
-            x = block(self.config, name=str(i))(x, mask, deterministic)
-        return x
-
-
 class Transformer(nn.Module):
     config: Config
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
-        return Layers(self.config, name="layer")(x, mask, deterministic)
+        return Layers(TransformerBlock, self.config, self.config.n_layers, name="layer")(x, mask, deterministic)
 
 
 class Backbone(nn.Module):
@@ -275,39 +255,11 @@ def build(config: Config, task: str = "base") -> Model:
 # Checkpoint conversion
 # ------------------------------------------------------------------------------------------------------------
 
-_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def _hf_key(path: str) -> str:
-    module, leaf = path.rsplit(".", 1)
-    return f"{module}.{_TO_HF[leaf]}"
-
 
 def param_shapes(config: Config, task: str) -> dict[str, tuple[int, ...]]:
     """{dotted param path: shape} of a freshly built model, without allocating it."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    tree = jax.eval_shape(lambda: build(config, task).init(jax.random.key(0), ids))["params"]
-    return {path: tuple(leaf.shape) for path, leaf in leaf_paths(tree)}
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def _fresh(path: str, shape: tuple[int, ...], config: Config, seed: int) -> jax.Array:
-    """transformers' _init_weights for a new head: N(0, initializer_range) weights, zero biases."""
-    dtype = jnp.dtype(config.param_dtype)
-    if path.endswith(".bias"):
-        return jnp.zeros(shape, dtype)
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
-    return (config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    shapes = abstract_params(build(config, task), jnp.zeros((1, 2), jnp.int32))
+    return {path: tuple(leaf.shape) for path, leaf in shapes.items()}
 
 
 def params_from_hf(
@@ -324,31 +276,30 @@ def params_from_hf(
     state = {(k if prefixed or k.split(".", 1)[0] in HEADS else f"{PREFIX}.{k}"): v for k, v in state.items()}
     flat, new = {}, []
     for path, shape in param_shapes(config, task).items():
-        key = _hf_key(path)
+        key = hf_key(path)
         weight = np.asarray(state[key]) if key in state else None
         if weight is not None and path.endswith(".kernel"):
             weight = weight.T
         if weight is not None and weight.shape == shape:
             flat[path] = jnp.asarray(weight, config.param_dtype)
         elif path.split(".", 1)[0] in HEADS:
-            flat[path] = _fresh(path, shape, config, seed)
+            flat[path] = fresh(path, shape, config.initializer_range, config.param_dtype, seed)
             new.append(path.rsplit(".", 1)[0])
         elif weight is None:
             raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a DistilBERT checkpoint?")
         else:
             raise ValueError(f"checkpoint weight {key!r} has shape {weight.shape}; the config expects {shape}")
-    return _unflatten(flat), list(dict.fromkeys(new))
+    return unflatten(flat), list(dict.fromkeys(new))
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
     """HF state dict (torch layout); a base model's keys lack `distilbert.`, as DistilBertModel saves them."""
     _check_task(task)
+    check_merged(params)
     state = {}
     for path, value in leaf_paths(params):
-        if is_lora_leaf(path):
-            raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")
         value = np.asarray(value)
-        key = _hf_key(path)
+        key = hf_key(path)
         if task == "base":
             key = key.removeprefix(PREFIX + ".")
         state[key] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)

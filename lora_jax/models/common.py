@@ -1,0 +1,178 @@
+"""What every model family shares: activations, layer factories, the numbered layer stack, masked softmax, and
+the bookkeeping of config.json and state-dict conversion.
+
+Each family file (bert.py, gpt2.py, ...) keeps what makes its architecture itself; anything here is the same
+logic in all of them, so a fix lands once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.layers import Dense
+from lora_jax.lora import is_lora_leaf, leaf_paths
+
+# transformers' ACT2FN names -> functions. HF "gelu" is the exact erf form; the "new"/"tanh"/"fast" names are the
+# tanh approximation.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+NOT_HF = ("dtype", "param_dtype", "lora_dropout", "remat")  # Config fields of ours, not of config.json
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config bookkeeping
+# ------------------------------------------------------------------------------------------------------------
+
+
+def hf_fields(config_class: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """The Config fields that config.json shares (everything but our dtype/LoRA/remat switches and `skip`)."""
+    return [f.name for f in dataclasses.fields(config_class) if f.name not in NOT_HF + skip]
+
+
+def num_labels_from_hf(hf: Mapping[str, Any], num_labels: int | None) -> int:
+    """The caller's num_labels, else config.json's, else its id2label's length, else 2 (transformers' default)."""
+    if num_labels is None:
+        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    return num_labels
+
+
+def label_maps(num_labels: int) -> dict[str, dict]:
+    """The id2label/label2id pair transformers writes for a classifier with default label names."""
+    return {
+        "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(num_labels)},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------------------
+
+
+def dense(config: Any, features: int, name: str, std: float, use_bias: bool = True, **kwargs: Any) -> Dense:
+    """A LoRA-aware Dense in the config's dtypes, its kernel drawn from N(0, std) as transformers inits it."""
+    return Dense(
+        features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(std),
+        lora_dropout=config.lora_dropout,
+        name=name,
+        **kwargs,
+    )
+
+
+def layer_norm(config: Any, epsilon: float, name: str, two_pass: bool = False) -> nn.LayerNorm:
+    """LayerNorm in the config's dtypes; `two_pass` computes the variance as torch does, for outlier-heavy models."""
+    return nn.LayerNorm(
+        epsilon,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        use_fast_variance=not two_pass,
+        name=name,
+    )
+
+
+def maybe_remat(block: type[nn.Module], remat: bool, deterministic_argnum: int) -> type[nn.Module]:
+    """`block`, recomputed in the backward pass when `remat` (memory for ~30% time). Flax counts `self` as
+    argument 0, and `deterministic` must be static because it picks the dropout branch."""
+    return nn.remat(block, static_argnums=(deterministic_argnum,)) if remat else block
+
+
+class Layers(nn.Module):
+    """`num_layers` blocks `block(config)` in sequence, named "0", "1", ... so paths read `layer.<i>`, as in HF.
+
+    Called as (x, *args, deterministic); each block maps (x, *args, deterministic) -> x.
+    """
+
+    block: Callable[..., nn.Module]
+    config: Any
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x, *args):
+        block = maybe_remat(self.block, self.config.remat, len(args) + 1)
+        for i in range(self.num_layers):
+            x = block(self.config, name=str(i))(x, *args)
+        return x
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
+    """softmax over keys in float32 (bf16 logits lose the small differences), cast to `dtype`.
+
+    Masked scores become float32's minimum, not -inf: a row with no visible key (a padded query) gets a uniform
+    distribution instead of NaN, as in transformers; its output is never used.
+    """
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoint conversion
+# ------------------------------------------------------------------------------------------------------------
+
+_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def hf_key(path: str) -> str:
+    """Flax param path -> HF state-dict key: kernel, embedding and LayerNorm scale are all `weight`."""
+    module, leaf = path.rsplit(".", 1)
+    return f"{module}.{_TO_HF[leaf]}"
+
+
+def abstract_params(module: nn.Module, *inputs: jax.Array) -> dict[str, jax.ShapeDtypeStruct]:
+    """{dotted param path: shape and dtype} of `module` initialised on `inputs`, without allocating it."""
+    tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    return dict(leaf_paths(tree))
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b.c": leaf} -> {"a": {"b": {"c": leaf}}}."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def fresh(path: str, shape: tuple[int, ...], std: float, dtype: Any, seed: int) -> jax.Array:
+    """transformers' _init_weights for what a checkpoint lacks: N(0, std) weights, zero biases, unit scales.
+
+    The key folds in the path, so a head's init does not depend on which other params are new.
+    """
+    dtype = jnp.dtype(dtype)
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return jnp.zeros(shape, dtype)
+    if leaf == "scale":
+        return jnp.ones(shape, dtype)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def check_merged(params: Mapping[str, Any]) -> None:
+    """Exports hold plain weights only: LoRA factors must be merged (or saved as an adapter) first."""
+    for path, _ in leaf_paths(params):
+        if is_lora_leaf(path):
+            raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")
