@@ -7,8 +7,7 @@ stores every projection as a Conv1D whose weight is already (d_in, d_out), so ke
 `c_attn` is a `Dense` with slices ('q', 'k', 'v'): LoRA can adapt the q and v thirds on their own, as the
 paper did with loralib's MergedLinear.
 
-`generate` is greedy decoding with a fixed-size KV cache: one compiled program, prompt prefill then a
-`lax.while_loop` of one-token steps, so decoding a test set never recompiles.
+`generate` (lora_jax.models.causal_generate) is greedy decoding over the fixed-size KV cache of `init_cache`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense
-from lora_jax.lora import is_lora_leaf, leaf_paths
+from lora_jax.lora import leaf_paths
+from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported: gpt2.generate)
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    abstract_params,
+    check_merged,
+    dense,
+    hf_fields,
+    hf_key,
+    label_maps,
+    layer_norm,
+    masked_softmax,
+    maybe_remat,
+    num_labels_from_hf,
+    unflatten,
+)
 
 MODEL_TYPES = ("gpt2",)
 LORA_TARGETS = {
@@ -41,15 +55,6 @@ ARCHITECTURES = {
     "base": "GPT2Model",
     "sequence-classification": "GPT2ForSequenceClassification",
     "causal-lm": "GPT2LMHeadModel",
-}
-ACTIVATIONS = {
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
 }
 Cache = list  # one {"k", "v"} dict of (batch, max_length, heads, head_dim) arrays per layer
 
@@ -82,13 +87,10 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}; fix the config."
-            )
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}; fix the config.")
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(
-                f"Unsupported activation_function {self.activation_function!r}; "
-                f"use one of {sorted(ACTIVATIONS)}."
+                f"Unsupported activation_function {self.activation_function!r}; use one of {sorted(ACTIVATIONS)}."
             )
 
     @property
@@ -100,11 +102,7 @@ class Config:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
-_HF_FIELDS = [
-    f.name
-    for f in dataclasses.fields(Config)
-    if f.name not in ("dtype", "param_dtype", "lora_dropout", "remat")
-]
+_HF_FIELDS = hf_fields(Config)
 
 
 def _check_task(task: str) -> None:
@@ -116,18 +114,14 @@ def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = No
     """A Config from a transformers config.json dict (GPT2Config defaults fill what it leaves out)."""
     _check_task(task)
     if hf.get("model_type", "gpt2") not in MODEL_TYPES:
-        raise ValueError(
-            f"model_type {hf.get('model_type')!r} is not GPT-2; pick the model family that matches."
-        )
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not GPT-2; pick the model family that matches.")
     if hf.get("add_cross_attention"):
         raise ValueError("GPT-2 with cross-attention is not supported; use a decoder-only checkpoint.")
     values = {name: hf[name] for name in _HF_FIELDS if name in hf}
     for name in ("bos_token_id", "eos_token_id"):
         if isinstance(values.get(name), list):  # HF allows several; greedy decoding here stops on the first
             values[name] = values[name][0]
-    if num_labels is None:
-        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
-    values["num_labels"] = int(num_labels)
+    values["num_labels"] = int(num_labels_from_hf(hf, num_labels))
     return Config(**values)
 
 
@@ -136,8 +130,7 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
     _check_task(task)
     hf = {"model_type": "gpt2", "architectures": [ARCHITECTURES[task]], "tie_word_embeddings": True}
     hf.update({name: getattr(config, name) for name in _HF_FIELDS if name != "num_labels"})
-    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-    hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    hf.update(label_maps(config.num_labels))
     hf["torch_dtype"] = str(jnp.dtype(config.param_dtype))
     return hf
 
@@ -155,11 +148,7 @@ class Attention(nn.Module):
     def __call__(self, x, mask, deterministic: bool, kv: dict | None, cache_index):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         batch, length, _ = x.shape
-        dense = functools.partial(
-            Dense, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), lora_dropout=cfg.lora_dropout
-        )
-        init = nn.initializers.normal(cfg.initializer_range)
-        qkv = dense(3 * cfg.n_embd, slices=FUSED["c_attn"], kernel_init=init, name="c_attn")(x, deterministic)
+        qkv = dense(cfg, 3 * cfg.n_embd, "c_attn", cfg.initializer_range, slices=FUSED["c_attn"])(x, deterministic)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
             k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), cache_index, axis=1)
@@ -170,14 +159,10 @@ class Attention(nn.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-        # A row with no visible key (a left-pad query) gets a uniform softmax, not NaN; its output is unused.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        probs = masked_softmax(scores, mask, dtype)  # a left-pad query sees no key: a uniform row, unused
         probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype)).reshape(batch, length, cfg.n_embd)
-        # GPT-2's residual-scaled init (1/sqrt(2 n_layer)) for the projections that feed the residual stream.
-        proj_init = nn.initializers.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
-        out = dense(cfg.n_embd, kernel_init=proj_init, name="c_proj")(out, deterministic)
+        out = dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(out, deterministic)
         return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), kv
 
 
@@ -187,30 +172,20 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        dense = functools.partial(
-            Dense,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            lora_dropout=cfg.lora_dropout,
-        )
-        h = dense(cfg.inner_dim, kernel_init=nn.initializers.normal(cfg.initializer_range), name="c_fc")(
-            x, deterministic
-        )
+        h = dense(cfg, cfg.inner_dim, "c_fc", cfg.initializer_range)(x, deterministic)
         h = ACTIVATIONS[cfg.activation_function](h)
-        proj_init = nn.initializers.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
-        h = dense(cfg.n_embd, kernel_init=proj_init, name="c_proj")(h, deterministic)
+        h = dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h, deterministic)
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+def _residual_std(cfg: Config) -> float:
+    """GPT-2's residual-scaled init, for the projections that feed the residual stream."""
+    return cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
 
 
 def _layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
     # Two-pass variance, as torch does: GPT-2's residual stream has outliers in the hundreds.
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_epsilon,
-        dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        use_fast_variance=False,
-        name=name,
-    )
+    return layer_norm(cfg, cfg.layer_norm_epsilon, name, two_pass=True)
 
 
 class Block(nn.Module):
@@ -234,7 +209,7 @@ class Layers(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool, cache: Cache | None, cache_index):
-        block = nn.remat(Block, static_argnums=(3,)) if self.config.remat else Block
+        block = maybe_remat(Block, self.config.remat, deterministic_argnum=3)
         new_cache = []
         for i in range(self.config.n_layer):
             x, kv = block(self.config, i, name=str(i))(
@@ -262,9 +237,7 @@ class GPT2Model(nn.Module):
         self.h = Layers(cfg)
         self.ln_f = _layer_norm(cfg, "ln_f")
 
-    def __call__(
-        self, input_ids, attention_mask, token_type_ids, position_ids, deterministic, cache, cache_index
-    ):
+    def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, deterministic, cache, cache_index):
         batch, length = input_ids.shape
         keys = length if cache is None else cache[0]["k"].shape[1]
         if position_ids is None:
@@ -360,24 +333,6 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old che
 _HEADS = ("lm_head", "score", "multiple_choice_head")
 
 
-def _abstract_params(config: Config, task: str) -> dict[str, jax.ShapeDtypeStruct]:
-    ids = jnp.zeros((1, 1), jnp.int32)
-    tree = jax.eval_shape(lambda: build(config, task).init(jax.random.PRNGKey(0), ids))["params"]
-    return dict(leaf_paths(tree))
-
-
-def _hf_key(path: str) -> str:
-    module, leaf = path.rsplit(".", 1)
-    return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for name in parents:
-        tree = tree.setdefault(name, {})
-    tree[leaf] = value
-
-
 def params_from_hf(
     state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
@@ -399,18 +354,18 @@ def params_from_hf(
 
     param_dtype = jnp.dtype(config.param_dtype)
     rng = jax.random.key(seed)
-    params: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     new = []
     used = set()
-    for path, spec in _abstract_params(config, task).items():
+    for path, spec in abstract_params(build(config, task), jnp.zeros((1, 1), jnp.int32)).items():
         if path.startswith("transformer."):
-            key = _hf_key(path.removeprefix("transformer."))
+            key = hf_key(path.removeprefix("transformer."))
             if key not in body:
                 raise ValueError(f"Checkpoint has no {key!r}; is it a GPT-2 checkpoint matching this config?")
             value = np.asarray(body[key])
             used.add(key)
         else:  # the score head: torch Linear, (out, in)
-            key = _hf_key(path)
+            key = hf_key(path)
             value = heads.get(key)
             value = None if value is None else np.asarray(value).T
             if value is None or value.shape != spec.shape:
@@ -418,125 +373,27 @@ def params_from_hf(
                 value = config.initializer_range * jax.random.normal(head_rng, spec.shape, jnp.float32)
                 new.append(path)
         if value.shape != spec.shape:
-            raise ValueError(
-                f"{key}: checkpoint shape {value.shape} != model shape {spec.shape}; fix the config."
-            )
-        _set(params, path, jnp.asarray(value, param_dtype))
+            raise ValueError(f"{key}: checkpoint shape {value.shape} != model shape {spec.shape}; fix the config.")
+        flat[path] = jnp.asarray(value, param_dtype)
     unexpected = sorted(set(body) - used)
     if unexpected:
-        raise ValueError(
-            f"Checkpoint weights {unexpected[:5]} have no place in lora_jax's GPT-2; wrong family?"
-        )
-    return params, new
+        raise ValueError(f"Checkpoint weights {unexpected[:5]} have no place in lora_jax's GPT-2; wrong family?")
+    return unflatten(flat), new
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
     """An HF state dict (torch layout) for the model of `task`; `lm_head.weight` is a copy of wte."""
     _check_task(task)
+    check_merged(params)
     paths = leaf_paths(params)
-    if any(is_lora_leaf(p) for p, _ in paths):
-        raise ValueError(
-            "params carry LoRA leaves; export lora.merge(params) (or save the adapter on its own)."
-        )
     prefix = "" if task == "base" else "transformer."
     state = {}
     for path, value in paths:
         value = np.asarray(jax.device_get(value))
         if path.startswith("transformer."):
-            state[prefix + _hf_key(path.removeprefix("transformer."))] = value
+            state[prefix + hf_key(path.removeprefix("transformer."))] = value
         elif task == "sequence-classification" and path.startswith("score."):
-            state[_hf_key(path)] = value.T
+            state[hf_key(path)] = value.T
     if task == "causal-lm":
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Greedy generation
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _left_align(input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Move each row's padding to the left (a stable sort on the mask): every prompt ends at one slot."""
-    order = jnp.argsort(attention_mask, axis=1, stable=True)
-    return jnp.take_along_axis(input_ids, order, axis=1), jnp.take_along_axis(attention_mask, order, axis=1)
-
-
-def generate(
-    module: GPT2,
-    params: Mapping[str, Any],
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
-    max_new_tokens: int = 64,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> jax.Array:
-    """Greedy continuations, (batch, max_new_tokens); after a row's eos comes pad_token_id (default eos).
-
-    Prompts may be padded on either side. Positions count real tokens only (HF's cumsum rule), so a padded
-    prompt decodes exactly as it would alone.
-    """
-    if module.task != "causal-lm":
-        raise ValueError(
-            f"generate needs a causal-lm model, got task {module.task!r}; build(config, 'causal-lm')."
-        )
-    if input_ids.shape[1] + max_new_tokens > module.config.n_positions:
-        raise ValueError(
-            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds n_positions "
-            f"{module.config.n_positions}; truncate the prompt or generate fewer tokens."
-        )
-    if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    return _generate(
-        module,
-        params,
-        jnp.asarray(input_ids),
-        jnp.asarray(attention_mask),
-        max_new_tokens,
-        eos_token_id,
-        0 if pad is None else pad,
-    )
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(module, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
-    input_ids, attention_mask = _left_align(input_ids, attention_mask.astype(jnp.int32))
-    batch, prompt_len = input_ids.shape
-    cache = init_cache(module.config, batch, prompt_len + max_new_tokens)
-    # Unwritten slots are hidden by causality, so the cache mask is the prompt's mask followed by ones.
-    cache_mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-
-    embedding = params["transformer"]["wte"]["embedding"]
-
-    def run(ids, pos, cache, index):
-        out = module.apply(
-            {"params": params}, ids, cache_mask, position_ids=pos, cache=cache, cache_index=index
-        )
-        # Logits of the last position only: the model's (batch, length, vocab) logits go unused and XLA drops
-        # them, which for a long prompt and GPT-2's 50k vocabulary is most of the prefill's memory.
-        hidden = out["last_hidden_state"][:, -1]
-        logits = jnp.dot(hidden, embedding.T.astype(hidden.dtype))
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), out["cache"]
-
-    next_token, cache = run(input_ids, positions, cache, 0)
-    last_position = positions[:, -1]
-
-    def keep_going(state):
-        step, _, _, _, done = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def one_step(state):
-        step, tokens, next_token, cache, done = state
-        token = jnp.where(done, pad_token_id, next_token)
-        tokens = tokens.at[:, step].set(token)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
-        pos = (last_position + 1 + step)[:, None]
-        next_token, cache = run(token[:, None], pos, cache, prompt_len + step)
-        return step + 1, tokens, next_token, cache, done
-
-    tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
-    state = (jnp.int32(0), tokens, next_token, cache, jnp.zeros((batch,), bool))
-    return jax.lax.while_loop(keep_going, one_step, state)[1]
