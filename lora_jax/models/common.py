@@ -126,6 +126,44 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# KV cache for one-token-at-a-time decoding: a fixed size, so every decoding step has the same shapes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def empty_cache(layers: int, batch: int, max_length: int, heads: int, head_dim: int, dtype: Any) -> list:
+    """One {"k", "v"} pair of (batch, max_length, heads, head_dim) zeros per layer, in the compute dtype."""
+    zeros = jnp.zeros((batch, max_length, heads, head_dim), jnp.dtype(dtype))
+    return [{"k": zeros, "v": zeros} for _ in range(layers)]
+
+
+def write_cache(kv: dict, k: jax.Array, v: jax.Array, index: jax.Array | int) -> dict:
+    """`kv` with this call's keys/values written at slots index..; attention then reads the whole cache."""
+    k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), index, axis=1)
+    return {**kv, "k": k, "v": v}
+
+
+def causal_cache_mask(
+    shape: tuple[int, int], key_mask: jax.Array | None, cache: list | None, index: jax.Array | int
+) -> jax.Array:
+    """(batch, 1, queries, keys) mask for `shape` = (batch, queries) tokens written at slots index..
+
+    Causal over absolute slots: the query at slot index + i sees slots <= its own, and only those `key_mask`
+    (batch, keys) allows. With a cache, keys are all its slots and `key_mask` must cover them.
+    """
+    batch, length = shape
+    keys = length if cache is None else cache[0]["k"].shape[1]
+    key_mask = jnp.ones((batch, keys), bool) if key_mask is None else key_mask.astype(bool)
+    if key_mask.shape != (batch, keys):
+        raise ValueError(
+            f"attention_mask has shape {key_mask.shape}, expected {(batch, keys)}; with a cache it must "
+            "cover the whole cache (batch, max_length)."
+        )
+    causal = jnp.arange(keys)[None, :] <= (index + jnp.arange(length))[:, None]
+    return causal[None, None, :, :] & key_mask[:, None, None, :]
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Checkpoint conversion
 # ------------------------------------------------------------------------------------------------------------
 

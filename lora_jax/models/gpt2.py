@@ -29,8 +29,10 @@ from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported
 from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
+    causal_cache_mask,
     check_merged,
     dense,
+    empty_cache,
     hf_fields,
     hf_key,
     label_maps,
@@ -39,6 +41,7 @@ from lora_jax.models.common import (
     maybe_remat,
     num_labels_from_hf,
     unflatten,
+    write_cache,
 )
 
 MODEL_TYPES = ("gpt2",)
@@ -151,9 +154,8 @@ class Attention(nn.Module):
         qkv = dense(cfg, 3 * cfg.n_embd, "c_attn", cfg.initializer_range, slices=FUSED["c_attn"])(x, deterministic)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
-            k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), cache_index, axis=1)
-            kv = {"k": k, "v": v}
+            kv = write_cache(kv, k, v, cache_index)
+            k, v = kv["k"], kv["v"]
 
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -238,20 +240,9 @@ class GPT2Model(nn.Module):
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, deterministic, cache, cache_index):
-        batch, length = input_ids.shape
-        keys = length if cache is None else cache[0]["k"].shape[1]
         if position_ids is None:
-            position_ids = cache_index + jnp.arange(length)[None, :]
-        key_mask = jnp.ones((batch, keys), bool) if attention_mask is None else attention_mask.astype(bool)
-        if key_mask.shape != (batch, keys):
-            raise ValueError(
-                f"attention_mask has shape {key_mask.shape}, expected {(batch, keys)}; with a cache it must "
-                "cover the whole cache (batch, max_length)."
-            )
-        # Causal over absolute slots: the query written at slot cache_index + i sees slots <= its own.
-        query_slot = cache_index + jnp.arange(length)
-        causal = jnp.arange(keys)[None, :] <= query_slot[:, None]
-        mask = causal[None, None, :, :] & key_mask[:, None, None, :]
+            position_ids = cache_index + jnp.arange(input_ids.shape[1])[None, :]
+        mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)
 
         x = self.wte(input_ids) + self.wpe(position_ids)
         if token_type_ids is not None:  # HF embeds token types with the token table
@@ -320,9 +311,7 @@ def build(config: Config, task: str) -> GPT2:
 
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty KV cache of fixed size, in the compute dtype."""
-    shape = (batch_size, max_length, config.n_head, config.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-    return [{"k": zeros, "v": zeros} for _ in range(config.n_layer)]
+    return empty_cache(config.n_layer, batch_size, max_length, config.n_head, config.head_dim, config.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------

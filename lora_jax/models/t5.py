@@ -30,7 +30,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense
-from lora_jax.lora import is_lora_leaf, leaf_paths
+from lora_jax.lora import leaf_paths
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    abstract_params,
+    causal_cache_mask,
+    check_merged,
+    dense,
+    empty_cache,
+    hf_fields,
+    hf_key,
+    masked_softmax,
+    maybe_remat,
+    unflatten,
+    write_cache,
+)
 
 MODEL_TYPES = ("t5", "mt5")
 _ATTENTIONS = r"(?:SelfAttention|EncDecAttention)"
@@ -48,13 +62,6 @@ ARCHITECTURES = {
     ("t5", "seq2seq-lm"): "T5ForConditionalGeneration",
     ("mt5", "base"): "MT5Model",
     ("mt5", "seq2seq-lm"): "MT5ForConditionalGeneration",
-}
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "silu": jax.nn.silu,
 }
 Cache = list  # per decoder block: {"k", "v"} (batch, max_length, heads, d_kv), plus "cross_k"/"cross_v" once filled
 # Keys transformers keeps that are not weights of their own: the stacks' aliases of `shared`, and a relative
@@ -111,9 +118,7 @@ class Config:
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
 
-_HF_FIELDS = [
-    f.name for f in dataclasses.fields(Config) if f.name not in ("dtype", "param_dtype", "lora_dropout", "remat")
-]
+_HF_FIELDS = hf_fields(Config)
 
 
 def _check_task(task: str) -> None:
@@ -169,15 +174,7 @@ def shift_right(labels: jax.Array, decoder_start_token_id: int, pad_token_id: in
 
 
 def _dense(c: Config, features: int, std: float, name: str) -> Dense:
-    return Dense(
-        features,
-        use_bias=False,
-        dtype=jnp.dtype(c.dtype),
-        param_dtype=jnp.dtype(c.param_dtype),
-        kernel_init=nn.initializers.normal(c.initializer_factor * std),
-        lora_dropout=c.lora_dropout,
-        name=name,
-    )
+    return dense(c, features, name, c.initializer_factor * std, use_bias=False)
 
 
 def _norm(c: Config, name: str = "layer_norm") -> nn.RMSNorm:
@@ -227,9 +224,8 @@ class Attention(nn.Module):
             if kv is not None and self.cross:
                 kv = {**kv, "cross_k": k, "cross_v": v}
             elif kv is not None:  # write this call's keys/values at slots cache_index.., attend over the cache
-                k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), cache_index, axis=1)
-                v = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), cache_index, axis=1)
-                kv = {**kv, "k": k, "v": v}
+                kv = write_cache(kv, k, v, cache_index)
+                k, v = kv["k"], kv["v"]
 
         # No 1/sqrt(d_kv): T5 folds it into q's init. Scores and softmax in float32 whatever the compute dtype.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -249,8 +245,7 @@ class Attention(nn.Module):
             position_bias = jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)  # (1, heads, q, k)
         if position_bias is not None:
             scores = scores + position_bias
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(jnp.dtype(c.dtype))
+        probs = masked_softmax(scores, mask, jnp.dtype(c.dtype))
         probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(probs.dtype)).reshape(*x.shape[:-1], inner)
         return _dense(c, c.d_model, inner**-0.5, "o")(out, deterministic), position_bias, kv
@@ -344,7 +339,7 @@ class Blocks(nn.Module):
     @nn.compact
     def __call__(self, x, mask, encoder_hidden, encoder_mask, deterministic, cache, cache_index):
         c = self.config
-        block = nn.remat(Block, static_argnums=(6,)) if c.remat else Block
+        block = maybe_remat(Block, c.remat, deterministic_argnum=6)
         position_bias, new_cache = None, []
         for i in range(c.decoder_layers if self.decoder else c.num_layers):
             kv = None if cache is None else cache[i]
@@ -430,12 +425,7 @@ class T5(nn.Module):
         and `decoder_attention_mask` (if given) covers the whole cache, (batch, max_length). A cache without
         cross-attention keys/values gets them from `encoder_hidden_states`; later calls reuse them.
         """
-        batch, length = decoder_input_ids.shape
-        keys = length if cache is None else cache[0]["k"].shape[1]
-        key_mask = jnp.ones((batch, keys), bool) if decoder_attention_mask is None else decoder_attention_mask
-        query_slot = cache_index + jnp.arange(length)
-        causal = jnp.arange(keys)[None, :] <= query_slot[:, None]
-        mask = causal[None, None] & key_mask.astype(bool)[:, None, None, :]
+        mask = causal_cache_mask(decoder_input_ids.shape, decoder_attention_mask, cache, cache_index)
         encoder_mask = attention_mask.astype(bool)[:, None, None, :]
         hidden, cache = self.decoder(
             self.shared(decoder_input_ids), mask, encoder_hidden_states, encoder_mask, deterministic, cache, cache_index
@@ -460,8 +450,7 @@ def build(config: Config, task: str = "seq2seq-lm") -> T5:
 
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty self-attention KV cache of fixed size, in the compute dtype, for `T5.decode`."""
-    zeros = jnp.zeros((batch_size, max_length, config.num_heads, config.d_kv), jnp.dtype(config.dtype))
-    return [{"k": zeros, "v": zeros} for _ in range(config.decoder_layers)]
+    return empty_cache(config.decoder_layers, batch_size, max_length, config.num_heads, config.d_kv, config.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -473,19 +462,7 @@ def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
 def param_shapes(config: Config, task: str) -> dict[str, jax.ShapeDtypeStruct]:
     """{dotted param path: shape/dtype} of a freshly built model, without allocating it (traced once per config)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    tree = jax.eval_shape(lambda: build(config, task).init(jax.random.key(0), ids, ids, ids))["params"]
-    return dict(leaf_paths(tree))
-
-
-def _hf_key(path: str) -> str:
-    return f"{path.rsplit('.', 1)[0]}.weight"
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for name in parents:
-        tree = tree.setdefault(name, {})
-    tree[leaf] = value
+    return abstract_params(build(config, task), ids, ids, ids)
 
 
 def params_from_hf(
@@ -499,10 +476,10 @@ def params_from_hf(
     """
     _check_task(task)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    params: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     new, used = [], set()
     for path, spec in param_shapes(config, task).items():
-        key = _hf_key(path)
+        key = hf_key(path)
         if key == "lm_head.weight" and key not in state:
             key = "shared.weight"
             new.append("lm_head")
@@ -513,7 +490,7 @@ def params_from_hf(
         value = value.T if path.endswith(".kernel") else value
         if value.shape != spec.shape:
             raise ValueError(f"{key}: checkpoint shape {value.shape} != model shape {spec.shape}; fix the config.")
-        _set(params, path, jnp.asarray(value, jnp.dtype(config.param_dtype)))
+        flat[path] = jnp.asarray(value, jnp.dtype(config.param_dtype))
     if config.tie_word_embeddings and "lm_head.weight" in state and task == "seq2seq-lm":
         if not np.array_equal(np.asarray(state["lm_head.weight"]), np.asarray(state["shared.weight"])):
             raise ValueError(
@@ -524,19 +501,17 @@ def params_from_hf(
     unexpected = sorted(k for k in set(state) - used if not any(s in k for s in _IGNORED))
     if unexpected:
         raise ValueError(f"Checkpoint weights {unexpected[:5]} have no place in lora_jax's T5; wrong family?")
-    return params, new
+    return unflatten(flat), new
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
     """An HF state dict (torch layout); a tied model's `lm_head.weight` is a copy of `shared`, as transformers saves."""
     _check_task(task)
-    paths = leaf_paths(params)
-    if any(is_lora_leaf(p) for p, _ in paths):
-        raise ValueError("params carry LoRA leaves; export lora.merge(params) (or save the adapter on its own).")
+    check_merged(params)
     state = {}
-    for path, value in paths:
+    for path, value in leaf_paths(params):
         value = np.asarray(jax.device_get(value))
-        state[_hf_key(path)] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
+        state[hf_key(path)] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
     if task == "seq2seq-lm" and config.tie_word_embeddings:
         state["lm_head.weight"] = state["shared.weight"]
     return state
