@@ -25,6 +25,7 @@ from lora_jax.models.common import (
     ACTIVATIONS,
     Layers,
     abstract_params,
+    check_task,
     dense,
     fresh,
     hf_fields,
@@ -33,6 +34,7 @@ from lora_jax.models.common import (
     layer_norm,
     masked_softmax,
     num_labels_from_hf,
+    swap_layout,
     unflatten,
 )
 
@@ -111,8 +113,7 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"BERT/RoBERTa support tasks {TASKS}, got {task!r}.")
+    check_task(task, TASKS, "BERT/RoBERTa")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -351,5 +352,5 @@ def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[s
         key = hf_key(path)
         if task == "base":
             key = key.removeprefix(config.prefix + ".")
-        state[key] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
+        state[key] = np.ascontiguousarray(swap_layout(path, value))
     return state

@@ -13,16 +13,13 @@ counterpart.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-
-def _init_cache(module: Any, batch: int, max_length: int) -> list:
-    return importlib.import_module(type(module).__module__).init_cache(module.config, batch, max_length)
+from lora_jax.models.common import family_init_cache
 
 
 def _left_align(input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,7 +67,7 @@ def generate(
 def _generate(module, params, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
     input_ids, attention_mask = _left_align(input_ids, attention_mask.astype(jnp.int32))
     batch, prompt_len = input_ids.shape
-    cache = _init_cache(module, batch, prompt_len + max_new_tokens)
+    cache = family_init_cache(module, batch, prompt_len + max_new_tokens)
     # Unwritten slots are hidden by causality, so the cache mask is the prompt's mask followed by ones.
     cache_mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)

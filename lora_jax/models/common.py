@@ -8,6 +8,7 @@ logic in all of them, so a fix lands once.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import zlib
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -16,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.layers import Dense
 from lora_jax.lora import is_lora_leaf, leaf_paths
@@ -59,6 +61,11 @@ def label_maps(num_labels: int) -> dict[str, dict]:
         "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
         "label2id": {f"LABEL_{i}": i for i in range(num_labels)},
     }
+
+
+def check_task(task: str, tasks: tuple[str, ...], family: str) -> None:
+    if task not in tasks:
+        raise ValueError(f"{family} has no task {task!r}; it supports tasks {list(tasks)}.")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -130,6 +137,11 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def family_init_cache(module: nn.Module, batch: int, max_length: int) -> list:
+    """An empty cache from the `init_cache` of the family file that defines `module` (t5.py, gpt2.py, ...)."""
+    return importlib.import_module(type(module).__module__).init_cache(module.config, batch, max_length)
+
+
 def empty_cache(layers: int, batch: int, max_length: int, heads: int, head_dim: int, dtype: Any) -> list:
     """One {"k", "v"} pair of (batch, max_length, heads, head_dim) zeros per layer, in the compute dtype."""
     zeros = jnp.zeros((batch, max_length, heads, head_dim), jnp.dtype(dtype))
@@ -174,6 +186,44 @@ def hf_key(path: str) -> str:
     """Flax param path -> HF state-dict key: kernel, embedding and LayerNorm scale are all `weight`."""
     module, leaf = path.rsplit(".", 1)
     return f"{module}.{_TO_HF[leaf]}"
+
+
+def swap_layout(path: str, array: np.ndarray) -> np.ndarray:
+    """Flax <-> torch layout (its own inverse): nn.Linear is (out, in), Conv1d (out, in / groups, width)."""
+    if path.endswith(".kernel"):
+        return array.T if array.ndim == 2 else array.transpose(2, 1, 0)
+    return array
+
+
+def load_weights(
+    state: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    heads: tuple[str, ...],
+    std: float,
+    dtype: Any,
+    seed: int,
+    family: str,
+) -> tuple[dict[str, jax.Array], list[str]]:
+    """{param path: array} from an HF state dict whose keys already carry the model's prefix, and the new paths.
+
+    A head (a top-level module in `heads`) that the checkpoint lacks or shapes differently (another label count)
+    is initialised fresh and listed; a missing backbone weight is a KeyError, a misshapen one a ValueError; keys
+    the model has no use for (pretraining heads, buffers) are ignored.
+    """
+    flat, new = {}, []
+    for path, shape in shapes.items():
+        key = hf_key(path)
+        weight = swap_layout(path, np.asarray(state[key])) if key in state else None
+        if weight is not None and weight.shape == shape:
+            flat[path] = jnp.asarray(weight, jnp.dtype(dtype))
+        elif path.split(".", 1)[0] in heads:
+            flat[path] = fresh(path, shape, std, dtype, seed)
+            new.append(path)
+        elif weight is None:
+            raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a {family} checkpoint?")
+        else:
+            raise ValueError(f"checkpoint weight {key!r} has shape {weight.shape}; the config expects {shape}")
+    return flat, new
 
 
 def abstract_params(module: nn.Module, *inputs: jax.Array) -> dict[str, jax.ShapeDtypeStruct]:

@@ -27,17 +27,20 @@ from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
     check_merged,
+    check_task,
     dense,
-    fresh,
     hf_fields,
     hf_key,
     label_maps,
     layer_norm,
+    load_weights,
     masked_softmax,
     maybe_remat,
     num_labels_from_hf,
+    swap_layout,
     unflatten,
 )
+from lora_jax.models.relative_positions import relative_positions
 
 MODEL_TYPES = ("deberta-v2",)
 LORA_TARGETS = {
@@ -124,31 +127,6 @@ class Config:
     def scale_factor(self) -> int:
         # HF counts the terms from pos_att_type even when relative_attention is off; so do we.
         return 1 + len(self.pos_att_type)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Relative positions
-# ------------------------------------------------------------------------------------------------------------
-
-
-def log_bucket_position(relative: jax.Array, bucket_size: int, max_position: int) -> jax.Array:
-    """Keep distances below bucket_size/2 exact; map longer ones logarithmically up to max_position."""
-    mid = bucket_size // 2
-    sign = jnp.sign(relative)
-    near = (relative < mid) & (relative > -mid)
-    distance = jnp.where(near, mid - 1, jnp.abs(relative)).astype(jnp.float32)
-    log_ratio = jnp.log(distance / mid) / jnp.log(jnp.float32((max_position - 1) / mid))
-    log_pos = jnp.ceil(log_ratio * (mid - 1)) + mid
-    return jnp.where(distance <= mid, relative, log_pos * sign).astype(jnp.int32)
-
-
-def relative_positions(length: int, bucket_size: int = -1, max_position: int = -1) -> jax.Array:
-    """[length, length] matrix of query index minus key index, log-bucketed when bucket_size > 0."""
-    ids = jnp.arange(length)
-    relative = ids[:, None] - ids[None, :]
-    if bucket_size > 0 and max_position > 0:
-        relative = log_bucket_position(relative, bucket_size, max_position)
-    return relative.astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -392,8 +370,7 @@ def build(config: Config, task: str) -> nn.Module:
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"DeBERTa-v2 supports tasks {list(TASKS)}, not {task!r}.")
+    check_task(task, TASKS, "DeBERTa-v2")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -430,13 +407,6 @@ def config_to_hf(config: Config, task: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _swap_layout(path: str, array: np.ndarray) -> np.ndarray:
-    """Flax <-> torch layout (its own inverse): nn.Linear is (out, in), Conv1d (out, in / groups, width)."""
-    if path.endswith(".kernel"):
-        return array.T if array.ndim == 2 else array.transpose(2, 1, 0)
-    return array
-
-
 def _canonical(key: str) -> str:
     """HF keys as the sequence classifier names them: a bare `DebertaV2Model` checkpoint lacks `deberta.`."""
     return f"deberta.{key}" if key.startswith(("embeddings.", "encoder.")) else key
@@ -457,20 +427,8 @@ def params_from_hf(
     backbone weight is an error; keys the model has no use for (MLM heads, buffers) are ignored.
     """
     state = {_canonical(k): v for k, v in state.items()}
-    dtype = jnp.dtype(config.param_dtype)
-    flat, new = {}, []
-    for path, shape in param_shapes(config, task).items():
-        key = hf_key(path)
-        weight = _swap_layout(path, np.asarray(state[key])) if key in state else None
-        if weight is not None and weight.shape == shape:
-            flat[path] = jnp.asarray(weight, dtype)
-        elif path.split(".", 1)[0] in HEADS:
-            flat[path] = fresh(path, shape, config.initializer_range, config.param_dtype, seed)
-            new.append(path)
-        elif weight is None:
-            raise KeyError(f"Checkpoint has no {key!r}; is it a DeBERTa-v2/v3 checkpoint for this config?")
-        else:
-            raise ValueError(f"{key}: checkpoint shape {weight.shape} != model's {shape}; check config.json.")
+    shapes = param_shapes(config, task)
+    flat, new = load_weights(state, shapes, HEADS, config.initializer_range, config.param_dtype, seed, "DeBERTa-v2/v3")
     return unflatten(flat), new
 
 
@@ -483,5 +441,5 @@ def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[s
         key = hf_key(path)
         if task == "base":
             key = key.removeprefix("deberta.")
-        out[key] = np.ascontiguousarray(_swap_layout(path, np.asarray(leaf)))
+        out[key] = np.ascontiguousarray(swap_layout(path, np.asarray(leaf)))
     return out

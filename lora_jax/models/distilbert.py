@@ -35,13 +35,15 @@ from lora_jax.models.common import (
     Layers,
     abstract_params,
     check_merged,
+    check_task,
     dense,
-    fresh,
     hf_key,
     label_maps,
     layer_norm,
+    load_weights,
     masked_softmax,
     num_labels_from_hf,
+    swap_layout,
     unflatten,
 )
 
@@ -98,8 +100,7 @@ _NOT_HF = {*NOT_HF, "num_labels"}
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"DistilBERT supports tasks {TASKS}, got {task!r}.")
+    check_task(task, TASKS, "DistilBERT")
 
 
 def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
@@ -274,22 +275,9 @@ def params_from_hf(
     _check_task(task)
     prefixed = any(k.startswith(PREFIX + ".") for k in state)
     state = {(k if prefixed or k.split(".", 1)[0] in HEADS else f"{PREFIX}.{k}"): v for k, v in state.items()}
-    flat, new = {}, []
-    for path, shape in param_shapes(config, task).items():
-        key = hf_key(path)
-        weight = np.asarray(state[key]) if key in state else None
-        if weight is not None and path.endswith(".kernel"):
-            weight = weight.T
-        if weight is not None and weight.shape == shape:
-            flat[path] = jnp.asarray(weight, config.param_dtype)
-        elif path.split(".", 1)[0] in HEADS:
-            flat[path] = fresh(path, shape, config.initializer_range, config.param_dtype, seed)
-            new.append(path.rsplit(".", 1)[0])
-        elif weight is None:
-            raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a DistilBERT checkpoint?")
-        else:
-            raise ValueError(f"checkpoint weight {key!r} has shape {weight.shape}; the config expects {shape}")
-    return unflatten(flat), list(dict.fromkeys(new))
+    shapes = param_shapes(config, task)
+    flat, new = load_weights(state, shapes, HEADS, config.initializer_range, config.param_dtype, seed, "DistilBERT")
+    return unflatten(flat), list(dict.fromkeys(path.rsplit(".", 1)[0] for path in new))
 
 
 def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
@@ -302,5 +290,5 @@ def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[s
         key = hf_key(path)
         if task == "base":
             key = key.removeprefix(PREFIX + ".")
-        state[key] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
+        state[key] = np.ascontiguousarray(swap_layout(path, value))
     return state

@@ -31,6 +31,7 @@ from lora_jax.models.common import (
     abstract_params,
     causal_cache_mask,
     check_merged,
+    check_task,
     dense,
     empty_cache,
     hf_fields,
@@ -109,8 +110,7 @@ _HF_FIELDS = hf_fields(Config)
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"GPT-2 has no task {task!r}; use one of {list(TASKS)}.")
+    check_task(task, TASKS, "GPT-2")
 
 
 def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:

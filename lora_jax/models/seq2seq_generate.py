@@ -16,12 +16,13 @@ attention_mask, cache=..., cache_index=...)` (see lora_jax.models.t5) plus its f
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from lora_jax.models.common import family_init_cache
 
 _NEG = -1.0e9  # transformers' "impossible" score; kept identical so ties and sums match
 
@@ -68,10 +69,6 @@ def generate(
     )[0]
 
 
-def _init_cache(module: Any, batch: int, max_length: int) -> list:
-    return importlib.import_module(type(module).__module__).init_cache(module.config, batch, max_length)
-
-
 def _step(module, params, token, encoded, attention_mask, cache, index) -> tuple[jax.Array, list]:
     """float32 next-token logits (rows, vocab) for one token per row at slot `index`, and the updated cache."""
     out = module.apply(
@@ -86,7 +83,9 @@ def _greedy(module, params, input_ids, attention_mask, max_new_tokens):
     batch = input_ids.shape[0]
     encoded = module.apply({"params": params}, input_ids, attention_mask, method="encode")["last_hidden_state"]
     start = jnp.full((batch,), c.decoder_start_token_id, jnp.int32)
-    logits, cache = _step(module, params, start, encoded, attention_mask, _init_cache(module, batch, max_new_tokens), 0)
+    logits, cache = _step(
+        module, params, start, encoded, attention_mask, family_init_cache(module, batch, max_new_tokens), 0
+    )
 
     def keep_going(state):
         step, _, _, _, done = state
@@ -196,7 +195,7 @@ def _beam_search(
 
     fill = jnp.full((batch, k, steps), c.pad_token_id, jnp.int32)
     start = jnp.full((batch * k,), c.decoder_start_token_id, jnp.int32)
-    logits, cache = _step(module, params, start, encoded, mask, _init_cache(module, batch * k, steps), 0)
+    logits, cache = _step(module, params, start, encoded, mask, family_init_cache(module, batch * k, steps), 0)
     state = Beams(
         running=fill,
         running_scores=jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG),  # only beam 0 is live at first

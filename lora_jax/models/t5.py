@@ -36,15 +36,18 @@ from lora_jax.models.common import (
     abstract_params,
     causal_cache_mask,
     check_merged,
+    check_task,
     dense,
     empty_cache,
     hf_fields,
     hf_key,
     masked_softmax,
     maybe_remat,
+    swap_layout,
     unflatten,
     write_cache,
 )
+from lora_jax.models.relative_positions import relative_position_bucket
 
 MODEL_TYPES = ("t5", "mt5")
 _ATTENTIONS = r"(?:SelfAttention|EncDecAttention)"
@@ -122,8 +125,7 @@ _HF_FIELDS = hf_fields(Config)
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"T5 has no task {task!r}; use one of {list(TASKS)}.")
+    check_task(task, TASKS, "T5")
 
 
 def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
@@ -182,23 +184,6 @@ def _norm(c: Config, name: str = "layer_norm") -> nn.RMSNorm:
     return nn.RMSNorm(
         epsilon=c.layer_norm_epsilon, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name=name
     )
-
-
-def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int):
-    """Mesh TensorFlow's buckets: exact for small distances, log-spaced up to max_distance, one bucket beyond."""
-    buckets = jnp.zeros_like(relative)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = (relative > 0).astype(relative.dtype) * num_buckets
-        distance = jnp.abs(relative)
-    else:
-        distance = -jnp.minimum(relative, 0)  # keys after the query are masked anyway
-    max_exact = num_buckets // 2
-    # Small distances take the `where`'s other branch, so log(0) here is never used.
-    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / np.log(max_distance / max_exact)
-    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative.dtype)
-    large = jnp.minimum(large, num_buckets - 1)
-    return buckets + jnp.where(distance < max_exact, distance, large)
 
 
 class Attention(nn.Module):
@@ -511,7 +496,7 @@ def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[s
     state = {}
     for path, value in leaf_paths(params):
         value = np.asarray(jax.device_get(value))
-        state[hf_key(path)] = np.ascontiguousarray(value.T if path.endswith(".kernel") else value)
+        state[hf_key(path)] = np.ascontiguousarray(swap_layout(path, value))
     if task == "seq2seq-lm" and config.tie_word_embeddings:
         state["lm_head.weight"] = state["shared.weight"]
     return state
