@@ -100,7 +100,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
         seed=cfg.seed,
         lora_dropout=cfg.lora.dropout,
         remat=cfg.model.remat,
-        **OmegaConf.to_container(cfg.model.get("overrides") or {}),
+        **(OmegaConf.to_container(cfg.model.overrides) if cfg.model.get("overrides") else {}),
     )
     lora = lora_config(
         model_config.model_type,
