@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import zlib
 import logging
+import zlib
 
 import jax
 import jax.numpy as jnp
