@@ -29,7 +29,11 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from run import git_commit, train_config  # importing run also registers the ${package_model:...} resolver
+from run import (  # importing run also registers the ${package_model:...} resolver
+    git_commit,
+    lora_config_for,
+    train_config,
+)
 from tqdm.auto import tqdm
 
 from lora_jax.data import get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
@@ -37,7 +41,7 @@ from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.data.glue import GlueTask
 from lora_jax.logging import JsonlLogger
 from lora_jax.lora import LoraConfig, LoraError, matches_leaf
-from lora_jax.models.hub import load_tokenizer, lora_config, resolve
+from lora_jax.models.hub import load_tokenizer, resolve
 from lora_jax.train import TrainingDiverged
 
 # Placed before the user's overrides (a later one wins): results, and Hydra's own files, go to peft_<run>, so a
@@ -68,17 +72,7 @@ def build_model(cfg: DictConfig, task: GlueTask, lora: LoraConfig | None = None)
     )
     if cfg.model.remat:
         model.gradient_checkpointing_enable()
-    lora = lora or lora_config(
-        model.config.model_type,
-        targets=list(cfg.lora.targets),
-        r=cfg.lora.r,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        init=cfg.lora.init,
-        rslora=cfg.lora.rslora,
-        bias=cfg.lora.bias,
-        train_also=list(cfg.model.train_also),
-    )
+    lora = lora or lora_config_for(cfg, model.config.model_type)
     if cfg.method == "lora":
         import peft
 

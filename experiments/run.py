@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_jax.adapters import load_adapter
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
 from lora_jax.logging import WandbLogger
-from lora_jax.lora import LoraError, count_params, lora_wrap
+from lora_jax.lora import LoraConfig, LoraError, count_params, lora_wrap
 from lora_jax.models.hub import from_pretrained, lora_config
 from lora_jax.train import EvalSpec, TrainConfig, TrainingDiverged, train
 
@@ -79,6 +79,21 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     )  # fmt: skip
 
 
+def lora_config_for(cfg: DictConfig, model_type: str) -> LoraConfig:
+    """The run's LoraConfig, with the paper's target names expanded for the model family."""
+    return lora_config(
+        model_type,
+        targets=list(cfg.lora.targets),
+        r=cfg.lora.r,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        init=cfg.lora.init,
+        rslora=cfg.lora.rslora,
+        bias=cfg.lora.bias,
+        train_also=list(cfg.model.train_also),
+    )
+
+
 def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = None) -> dict[str, Any]:
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
@@ -102,17 +117,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
         remat=cfg.model.remat,
         **(OmegaConf.to_container(cfg.model.overrides) if cfg.model.get("overrides") else {}),
     )
-    lora = lora_config(
-        model_config.model_type,
-        targets=list(cfg.lora.targets),
-        r=cfg.lora.r,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        init=cfg.lora.init,
-        rslora=cfg.lora.rslora,
-        bias=cfg.lora.bias,
-        train_also=list(cfg.model.train_also),
-    )
+    lora = lora_config_for(cfg, model_config.model_type)
     if cfg.method == "lora":
         params = lora_wrap(params, lora, jax.random.key(cfg.seed))
         if cfg.init_from:

