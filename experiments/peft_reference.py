@@ -26,10 +26,9 @@ from typing import Any
 
 import hydra
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from run import (  # importing run also registers the ${package_model:...} resolver
+    best_or_exit,
     git_commit,
     lora_config_for,
     train_config,
@@ -40,7 +39,7 @@ from lora_jax.data import get_task, glue_metrics, load_glue, predictions_from_lo
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.data.glue import GlueTask
 from lora_jax.logging import JsonlLogger
-from lora_jax.lora import LoraConfig, LoraError, matches_leaf
+from lora_jax.lora import LoraConfig, matches_leaf
 from lora_jax.models.hub import load_tokenizer, resolve
 from lora_jax.train import TrainingDiverged
 
@@ -303,13 +302,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
     """Returns the best main metric, as run.py's main does (in a sweep, errors propagate)."""
-    try:
-        return run(cfg)["best"]
-    except (LoraError, TrainingDiverged, OSError, ValueError, TypeError) as e:
-        if os.environ.get("LORA_JAX_DEBUG") or HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return best_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

@@ -165,17 +165,22 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> float:
-    """Returns the best main metric: what a Hydra sweeper (hparams_search=lora_optuna) maximises. In a sweep
-    errors propagate, so the sweeper records a failed trial instead of the whole sweep exiting."""
+def best_or_exit(run_fn: Any, cfg: DictConfig) -> float:
+    """The run's best main metric, or one `error:` line and exit 2 for bad input. In a sweep errors propagate, so
+    the sweeper records a failed trial instead of the whole sweep exiting (LORA_JAX_DEBUG=1: always raise)."""
     try:
-        return run(cfg)["best"]
+        return run_fn(cfg)["best"]
     except (LoraError, TrainingDiverged, OSError, ValueError, TypeError) as e:
         if os.environ.get("LORA_JAX_DEBUG") or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> float:
+    """Returns the best main metric: what a Hydra sweeper (hparams_search=lora_optuna) maximises."""
+    return best_or_exit(run, cfg)
 
 
 if __name__ == "__main__":
