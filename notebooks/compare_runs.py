@@ -54,7 +54,9 @@ from lora_jax.logging import read_jsonl
 
 ROOT = Path(lora_jax.__file__).resolve().parents[1]  # the checkout: experiments/ sits beside lora_jax/
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "notebooks"))
 from aggregate import Group, group_runs, load_summaries  # experiments/aggregate.py
+from nb_display import show_markdown, show_png  # notebooks/nb_display.py
 
 results_dir = Path(RESULTS_DIR) if RESULTS_DIR is not None else ROOT / "results"
 exp_dir = results_dir / EXP
@@ -62,33 +64,6 @@ if not exp_dir.is_dir():
     raise FileNotFoundError(f"No experiment folder {exp_dir}; set RESULTS_DIR and EXP (results/<exp>/<task>/<run>).")
 out = Path(OUT)
 out.mkdir(parents=True, exist_ok=True)
-
-
-def in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show_png(path: Path) -> None:
-    """Inline in Jupyter; as a script, say where the figure went."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        display(Image(filename=str(path)))
-    else:
-        print(f"figure: {path}")
-
-
-def show_markdown(text: str) -> None:
-    if in_notebook():
-        from IPython.display import Markdown, display
-
-        display(Markdown(text))
-    else:
-        print(text)
 
 
 # %% [markdown]

@@ -66,37 +66,12 @@ from lora_jax.analysis.plots import figure3, figure4
 
 ROOT = Path(lora_jax.__file__).resolve().parents[1]  # the checkout: experiments/ sits beside lora_jax/
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "notebooks"))
 import analyze  # experiments/analyze.py: read_factors, base_kernels, find_kernel, ...
+from nb_display import show_markdown, show_png  # notebooks/nb_display.py
 
 out = Path(OUT)
 out.mkdir(parents=True, exist_ok=True)
-
-
-def in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show_png(path: Path) -> None:
-    """Inline in Jupyter; as a script, say where the figure went."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        display(Image(filename=str(path)))
-    else:
-        print(f"figure: {path}")
-
-
-def show_markdown(text: str) -> None:
-    if in_notebook():
-        from IPython.display import Markdown, display
-
-        display(Markdown(text))
-    else:
-        print(text)
 
 
 # %% [markdown]
