@@ -30,9 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_jax.adapters import load_adapter
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
+from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, LoraError, count_params, lora_wrap
-from lora_jax.models.hub import from_pretrained, lora_config
+from lora_jax.models.hub import from_pretrained, lora_config, resolve
+from lora_jax.models.seq2seq_generate import eval_generator
 from lora_jax.train import EvalSpec, TrainConfig, TrainingDiverged, train
 
 
@@ -68,6 +70,12 @@ def git_commit() -> str | None:
         return None
 
 
+def is_encoder_decoder(name_or_path: str) -> bool:
+    """T5/mT0-style checkpoints train text-to-text; the rest get a classification head."""
+    config_file = resolve(name_or_path) / "config.json"
+    return config_file.exists() and bool(json.loads(config_file.read_text()).get("is_encoder_decoder"))
+
+
 def train_config(cfg: DictConfig) -> TrainConfig:
     o = cfg.optim
     return TrainConfig(
@@ -101,15 +109,18 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     OmegaConf.resolve(cfg)
     if cfg.distributed:
         jax.distributed.initialize()
+    if cfg.get("compilation_cache"):  # seeds and reruns of a config reuse XLA programs instead of recompiling
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     config = train_config(cfg)
 
+    seq2seq = is_encoder_decoder(cfg.model.name_or_path)
     module, params, tokenizer, model_config = from_pretrained(
         cfg.model.name_or_path,
-        task="sequence-classification",
-        num_labels=task.num_labels,
+        task="seq2seq-lm" if seq2seq else "sequence-classification",
+        num_labels=None if seq2seq else task.num_labels,
         dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         seed=cfg.seed,
@@ -125,16 +136,32 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
             print(f"LoRA leaves initialised from {cfg.init_from}")
         print(count_params(params, lora))
 
+    s2s = cfg.seq2seq
+
     def split(name: str) -> dict:
-        return tokenize(load_split(task, name, cfg.data), tokenizer, cfg.data.max_len)
+        rows = load_split(task, name, cfg.data)
+        if seq2seq:
+            return tokenize_text_to_text(
+                rows, task, tokenizer, cfg.data.max_len, model_config.decoder_start_token_id, s2s.label_words,
+                s2s.prefix,
+            )  # fmt: skip
+        return tokenize(rows, tokenizer, cfg.data.max_len)
 
     train_set = split("train")
     eval_sets = {name: split(name) for name in task.dev_splits}
-    spec = EvalSpec(
-        num_labels=task.num_labels,
-        metrics=lambda logits, labels: glue_metrics(task, predictions_from_logits(task, logits), labels),
-        main_metric=task.main_metric,
-    )
+    if seq2seq:  # the model writes the label word; eval generates and reads the class back
+        spec = EvalSpec(
+            num_labels=task.num_labels,
+            metrics=text_to_text_metrics(task, tokenizer, s2s.label_words),
+            main_metric=task.main_metric,
+            generate=eval_generator(train_set["labels"].shape[1], s2s.num_beams),
+        )
+    else:
+        spec = EvalSpec(
+            num_labels=task.num_labels,
+            metrics=lambda logits, labels: glue_metrics(task, predictions_from_logits(task, logits), labels),
+            main_metric=task.main_metric,
+        )
     loggers = []
     if cfg.logger.kind == "wandb":
         loggers.append(

@@ -40,7 +40,12 @@ from lora_jax.models import hub
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "base": "FEATURE_EXTRACTION"}
+TASK_TYPES = {
+    "sequence-classification": "SEQ_CLS",
+    "causal-lm": "CAUSAL_LM",
+    "seq2seq-lm": "SEQ_2_SEQ_LM",
+    "base": "FEATURE_EXTRACTION",
+}
 HEAD_MODULES = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS by itself
 _TO_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 

@@ -82,8 +82,10 @@ class EvalSpec:
     """How to score a task: metrics from (logits, labels), and the metric that picks the best epoch."""
 
     num_labels: int  # 1: regression (STS-B)
-    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (eval_step outputs, dataset labels)
     main_metric: str
+    # Seq2seq: eval_step generates, (module, params, batch) -> tokens, and `metrics` reads tokens, not logits.
+    generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,8 +134,16 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 
 def batch_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, num_labels: int) -> jax.Array:
-    """Weighted mean cross-entropy, or squared error for regression; filler rows have weight 0."""
+    """Weighted mean cross-entropy, or squared error for regression; filler rows have weight 0.
+
+    Labels of shape (batch, length) are target tokens (seq2seq): cross-entropy averaged over the real target
+    tokens of the batch, positions labelled -100 skipped, as transformers' seq2seq models compute it.
+    """
     logits = logits.astype(jnp.float32)
+    if labels.ndim == 2:
+        real = (labels != -100) * weights[:, None]
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0).astype(jnp.int32))
+        return jnp.sum(per_token * real) / jnp.maximum(jnp.sum(real), 1.0)
     if num_labels == 1:
         per_example = jnp.square(logits[:, 0] - labels.astype(jnp.float32))
     else:
@@ -141,13 +151,22 @@ def batch_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, num_lab
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
+
+
 def _model_inputs(batch: Batch) -> dict[str, Any]:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: batch[k] for k in keys if k in batch}
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def make_steps(module: nn.Module, tx: optax.GradientTransformation, num_labels: int, seed: int):
-    """(train_step, eval_step), pure functions ready for jit."""
+def make_steps(
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    num_labels: int,
+    seed: int,
+    generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
+):
+    """(train_step, eval_step), pure functions ready for jit. eval_step returns the logits, or with
+    `generate(module, params, batch)` (seq2seq) the generated tokens."""
     base_key = jax.random.key(seed)
 
     def loss_fn(trainable, frozen, batch, step):
@@ -162,9 +181,10 @@ def make_steps(module: nn.Module, tx: optax.GradientTransformation, num_labels: 
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     def eval_step(trainable, frozen, batch):
-        out = module.apply(
-            {"params": unpartition(trainable, frozen)}, **_model_inputs(batch), deterministic=True
-        )
+        params = unpartition(trainable, frozen)
+        if generate is not None:
+            return generate(module, params, batch)
+        out = module.apply({"params": params}, **_model_inputs(batch), deterministic=True)
         return out["logits"].astype(jnp.float32)
 
     return train_step, eval_step
@@ -229,6 +249,7 @@ def prepare(
     total_micro_steps: int,
     mesh: Mesh,
     lora_config: LoraConfig | None = None,
+    generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
 ) -> Prepared:
     """Split the params by `config.method`, place both halves and the optimizer state on the mesh, and jit the
     steps (donating the trainable half and the optimizer state, so an update reuses their buffers)."""
@@ -241,7 +262,7 @@ def prepare(
     opt_sh = shardings_for(opt_state, mesh, config.fsdp)
     opt_state = jax.device_put(opt_state, opt_sh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_step, eval_step = make_steps(module, tx, num_labels, config.seed)
+    train_step, eval_step = make_steps(module, tx, num_labels, config.seed, generate)
     train_step = jax.jit(train_step, out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
     return Prepared(train_step, jax.jit(eval_step), trainable, frozen, opt_state)
 
@@ -252,7 +273,8 @@ def prepare(
 
 
 def _tokens(batch: Batch) -> int:
-    return int(np.sum(batch["attention_mask"] * batch["weights"][:, None]))
+    masks = [batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in batch]
+    return int(sum(np.sum(m * batch["weights"][:, None]) for m in masks))
 
 
 def evaluate(
@@ -293,7 +315,7 @@ def train(
     if config.max_steps is not None:
         total_micro = min(total_micro, config.max_steps)
     schedule = linear_schedule(config, math.ceil(total_micro / config.grad_accum))
-    prepared = prepare(module, params, config, spec.num_labels, total_micro, mesh, lora_config)
+    prepared = prepare(module, params, config, spec.num_labels, total_micro, mesh, lora_config, spec.generate)
     train_step, eval_step = prepared.train_step, prepared.eval_step
     trainable, frozen, opt_state = prepared.trainable, prepared.frozen, prepared.opt_state
 

@@ -18,6 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Batch = dict[str, np.ndarray]
 Dataset = Mapping[str, np.ndarray]
+# An encoder-decoder's target side, cropped by decoder_attention_mask instead of attention_mask.
+DECODER_KEYS = ("decoder_input_ids", "decoder_attention_mask", "labels")
 
 
 def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -48,14 +50,19 @@ def _round_up(n: int, multiple: int) -> int:
 def take(dataset: Dataset, indices: np.ndarray, rows: int, buckets: Sequence[int]) -> Batch:
     """Rows `indices` of the dataset as one batch of `rows` rows, cropped to the bucket of its longest row.
 
+    Target-side arrays (DECODER_KEYS, when the dataset has a decoder_attention_mask) get their own bucket.
     Filler rows repeat the first real row (a fully masked row can make attention produce NaN) with weight 0.
     """
     if not 0 < len(indices) <= rows:
         raise ValueError(f"a batch needs 1 to {rows} indices, got {len(indices)}")
-    mask = dataset["attention_mask"]
-    seq_len = min(bucket_length(int(mask[indices].sum(axis=1).max()), buckets), mask.shape[1])
+    widths = {}  # key -> cropped width of its 2-D array
+    for mask_key, keys in (("attention_mask", None), ("decoder_attention_mask", DECODER_KEYS)):
+        if mask_key in dataset:
+            mask = dataset[mask_key]
+            width = min(bucket_length(int(mask[indices].sum(axis=1).max()), buckets), mask.shape[1])
+            widths.update(dict.fromkeys(keys or dataset, width))
     filled = np.concatenate([indices, np.full(rows - len(indices), indices[0])])
-    batch = {k: v[filled, :seq_len] if v.ndim == 2 else v[filled] for k, v in dataset.items()}
+    batch = {k: v[filled, : widths[k]] if v.ndim == 2 else v[filled] for k, v in dataset.items()}
     batch["weights"] = (np.arange(rows) < len(indices)).astype(np.float32)
     return batch
 

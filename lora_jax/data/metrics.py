@@ -15,7 +15,8 @@ from lora_jax.data.glue import get_task
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda pred, gold: skm.accuracy_score(gold, pred),
-    "f1": lambda pred, gold: skm.f1_score(gold, pred),
+    # F1 of class 1; labels=[1] keeps it defined when a prediction is -1 (a generated answer naming no class).
+    "f1": lambda pred, gold: skm.f1_score(gold, pred, labels=[1], average="macro"),
     "mcc": lambda pred, gold: skm.matthews_corrcoef(gold, pred),
     "pearson": lambda pred, gold: stats.pearsonr(pred, gold)[0],  # nan if either side is constant
     "spearman": lambda pred, gold: stats.spearmanr(pred, gold)[0],

@@ -69,6 +69,15 @@ def generate(
     )[0]
 
 
+def eval_generator(max_new_tokens: int, num_beams: int = 1) -> Any:
+    """`generate` for a trainer batch (a dict with input_ids, attention_mask): what `train.EvalSpec` takes."""
+
+    def generate_batch(module: Any, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
+        return generate(module, params, batch["input_ids"], batch["attention_mask"], max_new_tokens, num_beams)
+
+    return generate_batch
+
+
 def _step(module, params, token, encoded, attention_mask, cache, index) -> tuple[jax.Array, list]:
     """float32 next-token logits (rows, vocab) for one token per row at slot `index`, and the updated cache."""
     out = module.apply(
