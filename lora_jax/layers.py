@@ -1,4 +1,4 @@
-"""The LoRA-aware Dense layer every lora_jax model is built from.
+"""The LoRA-aware Dense layer every lora_jax model is built from, and the Dropout they all use.
 
 Without LoRA leaves it is exactly `flax.linen.Dense`. When `lora_wrap` has put `lora_a`/`lora_b`/`lora_scale`
 beside its kernel, it adds scale * (dropout(x) @ A) @ B: two thin matmuls, never the d_in x d_out product W + AB,
@@ -54,7 +54,7 @@ class Dense(nn.Module):
         suffixes = [s for s in ("", *(f"_{name}" for name in self.slices)) if self._has(LORA_A + s)]
         if not suffixes:
             return y
-        h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic) if self.lora_dropout > 0 else x
+        h = Dropout(self.lora_dropout)(x, deterministic=deterministic) if self.lora_dropout > 0 else x
         if suffixes == [""]:
             return y + self._low_rank(h, "", y.dtype)
         width = self.features // len(self.slices)
@@ -74,3 +74,26 @@ class Dense(nn.Module):
         scale = self.get_variable("params", LORA_SCALE + suffix).astype(dtype)
         # Scale the r-wide intermediate, not the d_out-wide result: same value, fewer multiplies.
         return jnp.dot(jnp.dot(h, a, precision=self.precision) * scale, b, precision=self.precision)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, as `flax.linen.Dropout`, drawing its mask from raw random bits.
+
+    flax's version draws a float uniform per element (`random.bernoulli`), whose bits-to-float conversion costs
+    about three times the random bits themselves on CPU; comparing the uint32 bits with round(rate * 2**32) keeps
+    each element with probability 1 - rate (to 2**-32) at a third of the cost, which is ~15% of a MiniLM training
+    step. Needs a 'dropout' rng when `deterministic` is False.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {self.rate}.")
+        threshold = min(round(self.rate * 2**32), 2**32 - 1)
+        keep = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint32) >= jnp.uint32(threshold)
+        keep_prob = 1.0 - threshold / 2**32
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))

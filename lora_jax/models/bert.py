@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense
+from lora_jax.layers import Dense, Dropout
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -155,7 +155,7 @@ class Embeddings(nn.Module):
         x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids(c, input_ids))
         x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = _layer_norm(c)(x)
-        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -171,7 +171,7 @@ class SelfAttention(nn.Module):
         v = split(_dense(c, c.hidden_size, "value")(x, deterministic))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
         probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return out.reshape(*out.shape[:-2], c.hidden_size)
 
@@ -185,7 +185,7 @@ class AddNorm(nn.Module):
     def __call__(self, x, residual, deterministic: bool):
         c = self.config
         x = _dense(c, c.hidden_size, "dense")(x, deterministic)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(c)(x + residual)
 
 
@@ -259,7 +259,7 @@ class RobertaClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         c = self.config
-        drop = nn.Dropout(_classifier_dropout(c))
+        drop = Dropout(_classifier_dropout(c))
         x = drop(x[:, 0], deterministic=deterministic)
         x = jnp.tanh(_dense(c, c.hidden_size, "dense")(x, deterministic))
         x = drop(x, deterministic=deterministic)
@@ -289,7 +289,7 @@ class Model(nn.Module):
             if c.model_type == "roberta":
                 logits = RobertaClassificationHead(c, name="classifier")(x, deterministic)
             else:
-                pooled = nn.Dropout(_classifier_dropout(c))(out["pooler_output"], deterministic=deterministic)
+                pooled = Dropout(_classifier_dropout(c))(out["pooler_output"], deterministic=deterministic)
                 logits = _dense(c, c.num_labels, "classifier")(pooled, deterministic)
             out["logits"] = logits.astype(jnp.float32)
         return out

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense
+from lora_jax.layers import Dense, Dropout
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -171,7 +171,7 @@ class Embeddings(nn.Module):
             x = _dense(c, c.hidden_size, "embed_proj", use_bias=False)(x, deterministic)
         x = _layer_norm(c, "LayerNorm")(x)
         x = x * mask[..., None].astype(x.dtype)
-        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class DisentangledSelfAttention(nn.Module):
@@ -193,7 +193,7 @@ class DisentangledSelfAttention(nn.Module):
 
         if c.relative_attention:
             span = c.attention_span
-            rel = nn.Dropout(c.hidden_dropout_prob)(rel_embeddings, deterministic=deterministic)[: 2 * span]
+            rel = Dropout(c.hidden_dropout_prob)(rel_embeddings, deterministic=deterministic)[: 2 * span]
             if "c2p" in c.pos_att_type:
                 pos_key_proj = key_proj if c.share_att_key else _dense(c, width, "pos_key_proj")
                 pos_key = split_heads(pos_key_proj(rel, deterministic))  # [2 span, heads, head_dim]
@@ -213,7 +213,7 @@ class DisentangledSelfAttention(nn.Module):
         # Softmax in float32 so bf16 compute does not lose the small probabilities; a padded query sees
         # only masked keys and gets HF's uniform row.
         probs = masked_softmax(scores, mask[:, None, :, None] & mask[:, None, None, :], v.dtype)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return context.reshape(*context.shape[:-2], width)
 
@@ -227,7 +227,7 @@ class Output(nn.Module):
     def __call__(self, x, residual, deterministic: bool) -> jax.Array:
         c = self.config
         x = _dense(c, c.hidden_size, "dense")(x, deterministic)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(c, "LayerNorm")(x + residual)
 
 
@@ -291,7 +291,7 @@ class ConvLayer(nn.Module):
             name="conv",
         )(embeddings)
         keep = mask[..., None].astype(out.dtype)
-        out = nn.Dropout(c.hidden_dropout_prob)(out * keep, deterministic=deterministic)
+        out = Dropout(c.hidden_dropout_prob)(out * keep, deterministic=deterministic)
         out = ACTIVATIONS[c.conv_act](out)
         return _layer_norm(c, "LayerNorm")(layer_output + out) * keep
 
@@ -340,7 +340,7 @@ class ContextPooler(nn.Module):
     @nn.compact
     def __call__(self, hidden, deterministic: bool) -> jax.Array:
         c = self.config
-        x = nn.Dropout(c.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
+        x = Dropout(c.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
         x = _dense(c, c.pooler_hidden_size or c.hidden_size, "dense")(x, deterministic)
         return ACTIVATIONS[c.pooler_hidden_act](x)
 
@@ -359,7 +359,7 @@ class DebertaV2(nn.Module):
         if self.task == "sequence-classification":
             pooled = ContextPooler(c, name="pooler")(hidden, deterministic)
             dropout = c.hidden_dropout_prob if c.cls_dropout is None else c.cls_dropout
-            pooled = nn.Dropout(dropout)(pooled, deterministic=deterministic)
+            pooled = Dropout(dropout)(pooled, deterministic=deterministic)
             out["logits"] = _dense(c, c.num_labels, "classifier")(pooled, deterministic)
         return out
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense
+from lora_jax.layers import Dense, Dropout
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -163,7 +163,7 @@ class Embeddings(nn.Module):
         pos_init = sinusoid if c.sinusoidal_pos_embds else normal
         x = x + embed(c.max_position_embeddings, pos_init, "position_embeddings")(positions)
         x = _layer_norm(c, "LayerNorm")(x)
-        return nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        return Dropout(c.dropout)(x, deterministic=deterministic)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -181,7 +181,7 @@ class MultiHeadSelfAttention(nn.Module):
         v = split(_dense(c, c.dim, "v_lin")(x, deterministic))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
         probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return _dense(c, c.dim, "out_lin")(out.reshape(*out.shape[:-2], c.dim), deterministic)
 
@@ -194,7 +194,7 @@ class FFN(nn.Module):
         c = self.config
         h = ACTIVATIONS[c.activation](_dense(c, c.hidden_dim, "lin1")(x, deterministic))
         h = _dense(c, c.dim, "lin2")(h, deterministic)
-        return nn.Dropout(c.dropout)(h, deterministic=deterministic)
+        return Dropout(c.dropout)(h, deterministic=deterministic)
 
 
 class TransformerBlock(nn.Module):
@@ -242,7 +242,7 @@ class Model(nn.Module):
         out = Backbone(c, name=PREFIX)(input_ids, attention_mask, deterministic)
         if self.task == "sequence-classification":
             x = jax.nn.relu(_dense(c, c.dim, "pre_classifier")(out["last_hidden_state"][:, 0], deterministic))
-            x = nn.Dropout(c.seq_classif_dropout)(x, deterministic=deterministic)
+            x = Dropout(c.seq_classif_dropout)(x, deterministic=deterministic)
             out["logits"] = _dense(c, c.num_labels, "classifier")(x, deterministic).astype(jnp.float32)
         return out
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense
+from lora_jax.layers import Dense, Dropout
 from lora_jax.lora import leaf_paths
 from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported: gpt2.generate)
 from lora_jax.models.common import (
@@ -162,10 +162,10 @@ class Attention(nn.Module):
             scale /= self.layer_idx + 1
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
         probs = masked_softmax(scores, mask, dtype)  # a left-pad query sees no key: a uniform row, unused
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype)).reshape(batch, length, cfg.n_embd)
         out = dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(out, deterministic)
-        return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), kv
+        return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), kv
 
 
 class MLP(nn.Module):
@@ -177,7 +177,7 @@ class MLP(nn.Module):
         h = dense(cfg, cfg.inner_dim, "c_fc", cfg.initializer_range)(x, deterministic)
         h = ACTIVATIONS[cfg.activation_function](h)
         h = dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h, deterministic)
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        return Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
 def _residual_std(cfg: Config) -> float:
@@ -235,7 +235,7 @@ class GPT2Model(nn.Module):
         )
         self.wte = embed(cfg.vocab_size)
         self.wpe = embed(cfg.n_positions)
-        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.drop = Dropout(cfg.embd_pdrop)
         self.h = Layers(cfg)
         self.ln_f = _layer_norm(cfg, "ln_f")
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense
+from lora_jax.layers import Dense, Dropout
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -231,7 +231,7 @@ class Attention(nn.Module):
         if position_bias is not None:
             scores = scores + position_bias
         probs = masked_softmax(scores, mask, jnp.dtype(c.dtype))
-        probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
+        probs = Dropout(c.dropout_rate)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(probs.dtype)).reshape(*x.shape[:-1], inner)
         return _dense(c, c.d_model, inner**-0.5, "o")(out, deterministic), position_bias, kv
 
@@ -251,7 +251,7 @@ class AttentionLayer(nn.Module):
         h, position_bias, kv = Attention(c, cross, self.causal, self.has_relative_bias, name=self.attention_name)(
             _norm(c)(x), source, mask, position_bias, deterministic, kv, cache_index
         )
-        return x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic), position_bias, kv
+        return x + Dropout(c.dropout_rate)(h, deterministic=deterministic), position_bias, kv
 
 
 class FeedForward(nn.Module):
@@ -262,7 +262,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         c = self.config
-        drop = nn.Dropout(c.dropout_rate)
+        drop = Dropout(c.dropout_rate)
         h = _norm(c)(x)
         ffn = DenseReluDense(c, name="DenseReluDense")
         return x + drop(ffn(h, deterministic), deterministic=deterministic)
@@ -280,7 +280,7 @@ class DenseReluDense(nn.Module):
             h = h * _dense(c, c.d_ff, c.d_model**-0.5, "wi_1")(x, deterministic)
         else:
             h = act(_dense(c, c.d_ff, c.d_model**-0.5, "wi")(x, deterministic))
-        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(c.dropout_rate)(h, deterministic=deterministic)
         return _dense(c, c.d_model, c.d_ff**-0.5, "wo")(h, deterministic)
 
 
@@ -344,7 +344,7 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x, mask, encoder_hidden, encoder_mask, deterministic, cache=None, cache_index=0):
         c = self.config
-        drop = nn.Dropout(c.dropout_rate)
+        drop = Dropout(c.dropout_rate)
         x = drop(x, deterministic=deterministic)
         x, cache = Blocks(c, self.decoder, name="block")(
             x, mask, encoder_hidden, encoder_mask, deterministic, cache, cache_index
