@@ -37,6 +37,7 @@ class Spec:
     warmup: int = 3
     steps: int = 10
     lora_rank: int = 8
+    remat: str = ""  # jax only: the models' `remat` setting ("" = off, "dots", "full")
     matmul_size: int = 4096
     infer_cases: tuple[tuple[int, int, int], ...] = ((1, 128, 10), (32, 512, 5))  # (batch, seq, timed reps)
 

@@ -49,8 +49,9 @@ def device_peak_bytes() -> int | None:
 
 def load(spec: Spec):
     dtype = jnp.bfloat16 if spec.gpu else jnp.float32
+    remat = {"": False, "full": True}.get(spec.remat, spec.remat)
     module, params, _, config = hub.from_pretrained(
-        spec.checkpoint, task="sequence-classification", num_labels=2, dtype=dtype
+        spec.checkpoint, task="sequence-classification", num_labels=2, dtype=dtype, remat=remat
     )
     return module, params, config
 

@@ -46,7 +46,7 @@ def enrich(results: dict[str, Any]) -> None:
     for name, r in results["train"].items():
         if not _ok(r):
             continue
-        method = "lora" if "lora" in name or "peft" in name else "full"
+        method = "lora" if name.startswith("peft/") or name.split("/")[-1].startswith("lora") else "full"
         analytic = results["flops"][method]["total"]
         r["achieved_flops_per_s"] = analytic / r["median_s"]
         r["fraction_of_measured_peak"] = r["achieved_flops_per_s"] / peak if peak else None
@@ -119,6 +119,12 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         for k in ("lora_jax/lora", "lora_jax/full")
     ]
     add("lora_jax: LoRA / full XLA peak-memory estimate (args + temps)", xla[0] / xla[1] if all(xla) else None)
+    remat = t.get("lora_jax/lora-remat-dots")
+    if _ok(remat):
+        remat_mem = step_memory_mb(remat)
+        add("lora_jax: LoRA with remat=dots / full peak memory", remat_mem / full_mem if full_mem else None)
+        add("lora_jax: LoRA with remat=dots / full step time", time_ratio("lora_jax/lora-remat-dots", "lora_jax/full"))
+        add("lora_jax: LoRA with remat=dots / LoRA step time", time_ratio("lora_jax/lora-remat-dots", "lora_jax/lora"))
     for case in (results.get("infer") or {}).get("cases", []):
         v = case["variants"]
         label = f"{case['batch']}x{case['seq']}"

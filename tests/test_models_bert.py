@@ -166,19 +166,26 @@ def test_dropout_and_remat():
     a, b = drop(jax.random.key(1)), drop(jax.random.key(2))
     assert not np.allclose(a, det) and not np.allclose(a, b)
 
-    remat = bert.build(
-        tiny_config(hidden_dropout_prob=0.1, num_hidden_layers=1, remat=True), "sequence-classification"
-    )
-    grads = [
-        jax.jit(
-            jax.grad(
-                lambda p, m=m: m.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask))["logits"].sum()
-            )
-        )(params)
-        for m in (module, remat)
-    ]
-    diffs = jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), *grads)
-    assert max(jax.tree.leaves(diffs)) <= 1e-5
+    # Recomputing in the backward pass (whole layer, or only elementwise work) changes what is stored, never the
+    # gradient, dropout masks included.
+    rng = {"dropout": jax.random.key(3)}
+
+    def grad_of(m):
+        loss = lambda p: m.apply(  # noqa: E731
+            {"params": p}, jnp.asarray(ids), jnp.asarray(mask), deterministic=False, rngs=rng
+        )["logits"].sum()
+        return jax.jit(jax.grad(loss))(params)
+
+    def build(remat):
+        config = tiny_config(hidden_dropout_prob=0.1, num_hidden_layers=1, remat=remat)
+        return bert.build(config, "sequence-classification")
+
+    grads = [grad_of(module)] + [grad_of(build(r)) for r in (True, "dots")]
+    for other in grads[1:]:
+        diffs = jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), grads[0], other)
+        assert max(jax.tree.leaves(diffs)) <= 1e-5
+    with pytest.raises(ValueError, match="remat must be"):
+        grad_of(build("everything"))
 
 
 def test_bf16_compute_is_close_and_float32_logits():

@@ -72,7 +72,7 @@ class Config:
     dtype: Any = jnp.float32  # compute
     param_dtype: Any = jnp.float32
     lora_dropout: float = 0.0
-    remat: bool = False  # recompute each layer's activations in the backward pass: memory for ~30% time
+    remat: bool | str = False  # recompute each layer's activations in the backward pass: memory for ~30% time
 
     @property
     def prefix(self) -> str:

@@ -87,7 +87,7 @@ class Config:
     dtype: Any = "float32"  # compute dtype
     param_dtype: Any = "float32"
     lora_dropout: float = 0.0
-    remat: bool = False
+    remat: bool | str = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -95,7 +95,7 @@ class Config:
     dtype: Any = "float32"  # compute
     param_dtype: Any = "float32"
     lora_dropout: float = 0.0
-    remat: bool = False
+    remat: bool | str = False
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
