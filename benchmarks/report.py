@@ -39,6 +39,11 @@ def median_peak_flops(results: dict[str, Any]) -> float | None:
     return max(rates) * 1e9 if rates else None
 
 
+def method_of(config: str) -> str:
+    """"lora" or "full": which FLOP count a training config is charged (lora_jax/full is full FT)."""
+    return "lora" if config.startswith("peft/") or config.split("/")[-1].startswith("lora") else "full"
+
+
 def enrich(results: dict[str, Any]) -> None:
     """Add achieved FLOP/s, fraction of the measured peak and (GPU) MFU to each training result, in place."""
     peak = machine_peak_flops(results)
@@ -46,7 +51,7 @@ def enrich(results: dict[str, Any]) -> None:
     for name, r in results["train"].items():
         if not _ok(r):
             continue
-        method = "lora" if name.startswith("peft/") or name.split("/")[-1].startswith("lora") else "full"
+        method = method_of(name)
         analytic = results["flops"][method]["total"]
         r["achieved_flops_per_s"] = analytic / r["median_s"]
         r["fraction_of_measured_peak"] = r["achieved_flops_per_s"] / peak if peak else None

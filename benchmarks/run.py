@@ -123,7 +123,7 @@ def notes_for(results: dict[str, Any]) -> list[str]:
         if not r or "median_s" not in r:
             continue
         if name.startswith("lora_jax"):
-            method = name.split("/")[1]
+            method = report.method_of(name)
             if r.get("compilations") not in (None, 1):
                 notes.append(f"{name}: the step compiled {r['compilations']} times (expected 1).")
             if r.get("warnings"):
@@ -248,12 +248,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax": ", ".join((results["peak"].get("jax") or {}).get("devices", [])) or None,
         "torch": (results["peak"].get("torch") or {}).get("device"),
     }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{machine_slug(info, results['meta']['devices'], gpu)}-{stamp}-{args.shape}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float))  # measurements first
     report.enrich(results)
     results["ratios"] = report.ratios(results)
     results["notes"] = notes_for(results)
     text = report.markdown(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{machine_slug(info, results['meta']['devices'], gpu)}-{stamp}-{args.shape}"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float))
     (out_dir / f"{stem}.md").write_text(text)
     print()
