@@ -135,6 +135,18 @@ def glue_reproduction(results_dir: Path, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settings_line(groups: list[Group]) -> list[str]:
+    """What the sweep's runs were trained with, read from their own configs (they share it by construction)."""
+    if not groups:
+        return []
+    cfg = run_config(groups[0].folders[0])
+    o, seeds = cfg["optim"], sorted({r["seed"] for g in groups for r in g.runs})
+    return [
+        f"Trained: {o['epochs']} epoch(s), batch {o['batch_size']}, lr {o['lr']}, warmup {o['warmup_ratio']}, "
+        f"alpha {cfg['lora']['alpha']} fixed for every r, seeds {seeds}."
+    ]
+
+
 def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str) -> str:
     """Tables 5 and 6: our sweep on MiniLM beside the paper's GPT-3 WikiSQL/MultiNLI numbers."""
     groups = group_runs(load_summaries(results_dir, exp))
@@ -152,6 +164,7 @@ def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str) ->
         "",
         f"Ours: all-MiniLM-L6-v2 LoRA runs from `+exp={exp}` (median over seeds, x100, links to the runs). The paper's",
         "columns are GPT-3 175B on WikiSQL / MultiNLI (paper v2): another model and task, shown for the trend only.",
+        *_settings_line(groups),
         "",
         head,
         "|" + "---|" * (len(tasks) + 4),
