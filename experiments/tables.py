@@ -8,6 +8,7 @@ seeds, linked to the run folders), the paper's from paper_numbers.yaml.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable
@@ -147,16 +148,36 @@ def _settings_line(groups: list[Group]) -> list[str]:
     ]
 
 
-def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str) -> str:
-    """Tables 5 and 6: our sweep on MiniLM beside the paper's GPT-3 WikiSQL/MultiNLI numbers."""
+def _training(group: Group) -> tuple:
+    """Everything but the LoRA targets and rank that decides a sweep run's result."""
+    cfg = run_config(group.folders[0])
+    return (
+        json.dumps(cfg["optim"], sort_keys=True), cfg["lora"]["alpha"], cfg["lora"].get("dropout"),
+        cfg["data"]["max_len"], cfg["model"]["name_or_path"],
+    )  # fmt: skip
+
+
+def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str, also: str | None = None) -> str:
+    """Tables 5 and 6: our sweep on MiniLM beside the paper's GPT-3 WikiSQL/MultiNLI numbers. Cells the sweep
+    lacks are filled (marked †) from runs of `also` trained with identical settings: Table 5's Wq r=8, Wq+Wv r=4
+    and all-four r=2 are Table 6 configurations."""
     groups = group_runs(load_summaries(results_dir, exp))
-    tasks = sorted({g.task for g in groups}) or ["stsb", "mrpc"]
+    borrowed = []
+    if also:
+        reference = _training(groups[0]) if groups else None
+        borrowed = [
+            g for g in group_runs(load_summaries(results_dir, also)) if reference in (None, _training(g))
+        ]
+    tasks = sorted({g.task for g in groups + borrowed}) or ["stsb", "mrpc"]
     paper = paper_numbers()[paper_table]
     cells: dict[tuple[str, int], dict[str, Group]] = {}
-    for g in groups:
-        lora = g.runs[0]["lora"]
-        key = (_join(run_config(g.folders[0])["lora"]["targets"]), lora["r"])
-        cells.setdefault(key, {})[g.task] = g
+    marks: set[tuple[str, int, str]] = set()
+    for g in groups + borrowed:
+        key = (_join(run_config(g.folders[0])["lora"]["targets"]), g.runs[0]["lora"]["r"])
+        if g.task not in cells.setdefault(key, {}):
+            cells[key][g.task] = g
+            if g in borrowed:
+                marks.add((*key, g.task))
     head = "| weights | r | " + " | ".join(f"ours: {TASK_TITLES.get(t, t)}" for t in tasks)
     head += " | paper GPT-3: WikiSQL | paper GPT-3: MultiNLI |"
     lines = [
@@ -164,7 +185,8 @@ def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str) ->
         "",
         f"Ours: all-MiniLM-L6-v2 LoRA runs from `+exp={exp}` (median over seeds, x100, links to the runs). The paper's",
         "columns are GPT-3 175B on WikiSQL / MultiNLI (paper v2): another model and task, shown for the trend only.",
-        *_settings_line(groups),
+        *_settings_line(groups or borrowed),
+        *([f"† from `+exp={also}`, trained identically."] if marks else []),
         "",
         head,
         "|" + "---|" * (len(tasks) + 4),
@@ -177,11 +199,16 @@ def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str) ->
             for key in paper["wikisql"]
             for i, r in enumerate(paper["ranks"])
         }
-    for key in sorted(set(paper_rows) | set(cells), key=lambda k: (len(k[0]), k[0], k[1])):
-        ours = [_cell(cells.get(key, {}).get(t), out_dir) for t in tasks]
+    own = {key for key, by_task in cells.items() if any((*key, t) not in marks for t in by_task)}
+    for key in sorted(set(paper_rows) | own, key=lambda k: (len(k[0]), k[0], k[1])):  # borrowed fill, never add
+        ours = [
+            _cell(cells.get(key, {}).get(t), out_dir) + (" †" if (*key, t) in marks else "") for t in tasks
+        ]
         wikisql, multinli = paper_rows.get(key, ("-", "-"))
         weights = ", ".join(f"W{c}" for c in key[0])
         lines.append(f"| {weights} | {key[1]} | " + " | ".join(ours) + f" | {wikisql} | {multinli} |")
+    if not any(line.endswith(" †") or " † |" in line for line in lines if line.startswith("| W")):
+        lines = [line for line in lines if not line.startswith("† from")]
     return "\n".join(lines) + "\n"
 
 
@@ -214,8 +241,8 @@ def main(argv: list[str]) -> None:
     tables = {
         "glue_minilm.md": glue_minilm(results_dir, out_dir),
         "table2_glue.md": glue_reproduction(results_dir, out_dir),
-        "table5_weight_types.md": sweep_table(results_dir, out_dir, "weight_type_minilm", "table5"),
-        "table6_rank.md": sweep_table(results_dir, out_dir, "rank_minilm", "table6"),
+        "table5_weight_types.md": sweep_table(results_dir, out_dir, "weight_type_minilm", "table5", "rank_minilm"),
+        "table6_rank.md": sweep_table(results_dir, out_dir, "rank_minilm", "table6", "weight_type_minilm"),
         "table7_amplification.md": amplification_table(results_dir),
     }
     for name, text in tables.items():

@@ -54,3 +54,38 @@ def test_glue_minilm_table_has_medians_links_gaps_and_missing_cells(tmp_path):
     assert "../glue_minilm/mrpc/lora_r8_a8_seed0" in lora_row
     assert "MRPC -3.0" in text
     assert "paper: roberta_base LoRA" in text and "89.7" in text  # the paper's number from paper_numbers.yaml
+
+
+def fake_sweep_run(results: Path, exp: str, targets: list[str], r: int, best: float, lr: float = 1e-3) -> None:
+    run = f"lora_{''.join(targets)}_r{r}_seed0"
+    folder = results / exp / "stsb" / run
+    folder.mkdir(parents=True)
+    summary = {
+        "exp": exp, "task": "stsb", "run": run, "seed": 0, "method": "lora", "best": best, "main_metric": "pearson",
+        "trainable_params": 1, "history": [], "lora": {"r": r, "alpha": 8},
+    }  # fmt: skip
+    config = {
+        "optim": {"lr": lr, "epochs": 1, "batch_size": 16, "warmup_ratio": 0.06}, "data": {"max_len": 128},
+        "lora": {"targets": targets, "alpha": 8, "dropout": 0.0}, "model": {"name_or_path": "m"},
+    }  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_sweep_tables_fill_their_own_cells_from_identically_trained_runs_of_the_other(tmp_path):
+    fake_sweep_run(tmp_path, "rank_minilm", ["q", "v"], 8, 0.80)
+    fake_sweep_run(tmp_path, "weight_type_minilm", ["q"], 8, 0.77)  # a Table 6 cell too
+    fake_sweep_run(tmp_path, "weight_type_minilm", ["k"], 8, 0.76)  # Table 5 only
+    fake_sweep_run(tmp_path, "weight_type_minilm", ["q", "k", "v", "o"], 2, 0.83, lr=5e-4)  # trained otherwise
+    out = tmp_path / "tables"
+    subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path}", f"out={out}"], check=True
+    )
+    rows = {row.split(" | ")[0] + " | " + row.split(" | ")[1]: row
+            for row in (out / "table6_rank.md").read_text().splitlines() if row.startswith("| W")}  # fmt: skip
+    assert "77.0" in rows["| Wq | 8"] and rows["| Wq | 8"].count("†") == 1
+    assert "80.0" in rows["| Wq, Wv | 8"] and "†" not in rows["| Wq, Wv | 8"]
+    assert "no run" in rows["| Wq, Wk, Wv, Wo | 2"]  # a different lr: not borrowed
+    assert not any(key.startswith("| Wk") for key in rows)  # borrowed runs fill cells, never add rows
+    table5 = (out / "table5_weight_types.md").read_text()
+    assert "76.0" in table5 and "†" not in table5
