@@ -124,12 +124,12 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         for k in ("lora_jax/lora", "lora_jax/full")
     ]
     add("lora_jax: LoRA / full XLA peak-memory estimate (args + temps)", xla[0] / xla[1] if all(xla) else None)
-    remat = t.get("lora_jax/lora-remat-dots")
+    remat = t.get("lora_jax/lora-remat")
     if _ok(remat):
         remat_mem = step_memory_mb(remat)
-        add("lora_jax: LoRA with remat=dots / full peak memory", remat_mem / full_mem if full_mem else None)
-        add("lora_jax: LoRA with remat=dots / full step time", time_ratio("lora_jax/lora-remat-dots", "lora_jax/full"))
-        add("lora_jax: LoRA with remat=dots / LoRA step time", time_ratio("lora_jax/lora-remat-dots", "lora_jax/lora"))
+        add("lora_jax: LoRA with remat / full peak memory", remat_mem / full_mem if full_mem else None)
+        add("lora_jax: LoRA with remat / full step time", time_ratio("lora_jax/lora-remat", "lora_jax/full"))
+        add("lora_jax: LoRA with remat / LoRA step time", time_ratio("lora_jax/lora-remat", "lora_jax/lora"))
     for case in (results.get("infer") or {}).get("cases", []):
         v = case["variants"]
         label = f"{case['batch']}x{case['seq']}"

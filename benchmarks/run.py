@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("lora_jax/lora", "jax_worker", {"method": "lora"}),
             ("peft/eager", "torch_worker", {"method": "lora"}),
             ("lora_jax/full", "jax_worker", {"method": "full"}),
-            ("lora_jax/lora-remat-dots", "jax_worker", {"method": "lora", "remat": "dots"}),
+            ("lora_jax/lora-remat", "jax_worker", {"method": "lora", "remat": "full"}),
             ("torch/full-eager", "torch_worker", {"method": "full"}),
             ("peft/compile", "torch_worker", {"method": "lora", "compile": True}),
             ("torch/full-compile", "torch_worker", {"method": "full", "compile": True}),

@@ -82,12 +82,12 @@ def test_each_config_is_charged_its_own_methods_flops():
         "flops": {"lora": {"total": 2.0e9}, "full": {"total": 3.0e9}},
         "peak": {"jax": {"gflops_best": 10.0, "gflops_median": 8.0}},
         "train": {name: {"median_s": 1.0} for name in
-                  ("lora_jax/lora", "lora_jax/full", "lora_jax/lora-remat-dots", "peft/eager", "torch/full-eager")},
+                  ("lora_jax/lora", "lora_jax/full", "lora_jax/lora-remat", "peft/eager", "torch/full-eager")},
     }  # fmt: skip
     report.enrich(results)
     charged = {name: r["achieved_flops_per_s"] for name, r in results["train"].items()}
     assert charged == {
-        "lora_jax/lora": 2.0e9, "lora_jax/full": 3.0e9, "lora_jax/lora-remat-dots": 2.0e9, "peft/eager": 2.0e9,
+        "lora_jax/lora": 2.0e9, "lora_jax/full": 3.0e9, "lora_jax/lora-remat": 2.0e9, "peft/eager": 2.0e9,
         "torch/full-eager": 3.0e9,
     }  # fmt: skip
     assert results["train"]["lora_jax/full"]["fraction_of_measured_peak"] == pytest.approx(0.3)

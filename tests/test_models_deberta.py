@@ -288,7 +288,8 @@ def test_dropout_remat_and_bf16(saved):
     # remat changes what the backward pass stores, never the values (JAX's own guarantee): check it is there.
     remat = dataclasses.replace(config, remat=True)
     assert _max_diff(_run(remat, params, CLS, ids, mask, types)["logits"], clean) <= TOL
-    assert "remat" in backward_program(remat) and "remat" not in backward_program(config)
+    # (single ops are checkpointed either way, see common.ACTIVATIONS; layer remat adds one per layer)
+    assert backward_program(remat).count("remat") > backward_program(config).count("remat")
 
     bf16 = dataclasses.replace(config, dtype="bfloat16")
     out = _run(bf16, params, CLS, ids, mask, types)

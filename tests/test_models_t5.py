@@ -282,12 +282,13 @@ def test_dropout_and_remat(checkpoints):
     assert not np.allclose(a, det) and not np.allclose(a, b)  # dropout is on, and follows the rng
     np.testing.assert_array_equal(train_mode(0)["logits"], a)
 
-    # remat: the backward pass recomputes each block (a checkpoint per block in the jaxpr), same function.
+    # remat: the backward pass recomputes each block (a checkpoint per block in the jaxpr, beside those of single
+    # ops: masked_softmax, the activations), same function.
     remat = t5.build(dataclasses.replace(config, remat=True))
     loss = lambda m: lambda p: m.apply({"params": p}, *batch)["logits"].sum()  # noqa: E731
     jaxpr = lambda m: str(jax.make_jaxpr(jax.grad(loss(m)))(params))  # noqa: E731
     checkpoints_in = lambda m: len(re.findall(r"\b(?:remat\d*|checkpoint)\b", jaxpr(m)))  # noqa: E731
-    assert checkpoints_in(module) == 0 and checkpoints_in(remat) == 2 * config.num_layers  # encoder + decoder
+    assert checkpoints_in(remat) >= checkpoints_in(module) + 2 * config.num_layers  # encoder + decoder blocks
 
 
 def test_bad_inputs_say_how_to_fix_them():

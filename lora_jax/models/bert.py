@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense, Dropout
+from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -125,7 +125,7 @@ def _dense(config: Config, features: int, name: str) -> Dense:
     return dense(config, features, name, config.initializer_range)
 
 
-def _layer_norm(config: Config, name: str = "LayerNorm") -> nn.LayerNorm:
+def _layer_norm(config: Config, name: str = "LayerNorm") -> LayerNorm:
     return layer_norm(config, config.layer_norm_eps, name)
 
 

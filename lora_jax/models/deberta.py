@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense, Dropout
+from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -138,9 +138,8 @@ def _dense(config: Config, features: int, name: str, use_bias: bool = True) -> D
     return dense(config, features, name, config.initializer_range, use_bias)
 
 
-def _layer_norm(config: Config, name: str) -> nn.LayerNorm:
-    # torch's two-pass variance; the one-pass form drifts at eps = 1e-7
-    return layer_norm(config, config.layer_norm_eps, name, two_pass=True)
+def _layer_norm(config: Config, name: str) -> LayerNorm:
+    return layer_norm(config, config.layer_norm_eps, name)
 
 
 def _embed(config: Config, num: int, features: int, name: str) -> nn.Embed:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense, Dropout
+from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -132,7 +132,7 @@ def _dense(config: Config, features: int, name: str) -> Dense:
     return dense(config, features, name, config.initializer_range)
 
 
-def _layer_norm(config: Config, name: str) -> nn.LayerNorm:
+def _layer_norm(config: Config, name: str) -> LayerNorm:
     return layer_norm(config, LAYER_NORM_EPS, name)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layers import Dense, Dropout
+from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.lora import leaf_paths
 from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported: gpt2.generate)
 from lora_jax.models.common import (
@@ -185,9 +185,8 @@ def _residual_std(cfg: Config) -> float:
     return cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
 
 
-def _layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
-    # Two-pass variance, as torch does: GPT-2's residual stream has outliers in the hundreds.
-    return layer_norm(cfg, cfg.layer_norm_epsilon, name, two_pass=True)
+def _layer_norm(cfg: Config, name: str) -> LayerNorm:
+    return layer_norm(cfg, cfg.layer_norm_epsilon, name)
 
 
 class Block(nn.Module):
