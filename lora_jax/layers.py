@@ -78,12 +78,16 @@ class Dense(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Inverted dropout, as `flax.linen.Dropout`, drawing its mask from raw random bits.
+    """Inverted dropout, as `flax.linen.Dropout`, its mask drawn from 16-bit halves of random 32-bit words.
 
     flax's version draws a float uniform per element (`random.bernoulli`), whose bits-to-float conversion costs
-    about three times the random bits themselves on CPU; comparing the uint32 bits with round(rate * 2**32) keeps
-    each element with probability 1 - rate (to 2**-32) at a third of the cost, which is ~15% of a MiniLM training
-    step. Needs a 'dropout' rng when `deterministic` is False.
+    about three times the random bits themselves on CPU. Comparing 16-bit random integers with round(rate * 2**16)
+    needs no floats, and splitting each 32-bit draw into two halves (along the last axis, so a batch-sharded input
+    keeps its sharding) halves the random-number work: one RoBERTa-base layer's masks 8.1 ms (a uint32 draw per
+    element) -> 3.9-4.1 ms on this project's 2-core CPU, where threefry runs as a rolled loop. (Philox keys are
+    faster still on CPU but do not lower under sharding.) The dropped fraction is the rounded rate (0.1 ->
+    0.1000061) and kept values are scaled by its exact inverse, so the layer stays unbiased. Needs a 'dropout'
+    rng when `deterministic` is False.
     """
 
     rate: float
@@ -94,10 +98,17 @@ class Dropout(nn.Module):
             return x
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {self.rate}.")
-        threshold = min(round(self.rate * 2**32), 2**32 - 1)
-        keep = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint32) >= jnp.uint32(threshold)
-        keep_prob = 1.0 - threshold / 2**32
+        threshold = min(round(self.rate * 2**16), 2**16 - 1)
+        keep = random_uint16(self.make_rng("dropout"), x.shape) >= jnp.uint32(threshold)
+        keep_prob = 1.0 - threshold / 2**16
         return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+def random_uint16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform integers in [0, 2**16) (as uint32), two from each random 32-bit word."""
+    rows, last = tuple(shape[:-1]), (shape[-1] if shape else 1)
+    words = jax.random.bits(key, (*rows, (last + 1) // 2), jnp.uint32)
+    return jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last].reshape(shape)
 
 
 class LayerNorm(nn.Module):
