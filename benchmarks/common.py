@@ -45,6 +45,14 @@ class Spec:
     def model_shape(self) -> Shape:
         return SHAPES[self.shape]
 
+    @property
+    def matmul_shapes(self) -> list[tuple[int, int, int]]:
+        """(m, k, n) products timed for the machine's peak: the square one, and the step's own feed-forward
+        matmuls (tokens x hidden x ffn and back), which on a CPU can run faster than the big square one."""
+        tokens, s = self.batch * self.seq, self.model_shape
+        n = self.matmul_size
+        return [(n, n, n), (tokens, s.hidden, s.ffn), (tokens, s.ffn, s.hidden)]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
@@ -53,6 +61,18 @@ class Spec:
         d = json.loads(text)
         d["infer_cases"] = tuple(tuple(c) for c in d["infer_cases"])
         return cls(**d)
+
+
+def best_of_shapes(per_shape: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peak entry of a worker: every shape's rates, and the best of them as the machine's peak."""
+    best = max(per_shape, key=lambda r: r["gflops_best"])
+    return {"shapes": per_shape, "gflops_best": best["gflops_best"], "gflops_median": best["gflops_median"]}
+
+
+def shape_rates(m: int, k: int, n: int, timing: dict[str, Any]) -> dict[str, Any]:
+    flops = 2 * m * k * n
+    return {"mkn": [m, k, n], "gflops_best": flops / timing["min_s"] / 1e9,
+            "gflops_median": flops / timing["median_s"] / 1e9}  # fmt: skip
 
 
 def time_calls(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:

@@ -19,10 +19,12 @@ import numpy as np
 from benchmarks import flops
 from benchmarks.common import (
     Spec,
+    best_of_shapes,
     current_rss_mb,
     peak_rss_mb,
     random_batch,
     reset_peak_rss,
+    shape_rates,
     summarise,
     time_calls,
     worker_main,
@@ -70,19 +72,14 @@ def lora_config(spec: Spec):
 
 def peak(spec: Spec) -> dict[str, Any]:
     check_backend(spec)
-    n, dtype = spec.matmul_size, (jnp.bfloat16 if spec.gpu else jnp.float32)
-    ka, kb = jax.random.split(jax.random.key(0))
-    a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
-    matmul = jax.jit(jnp.dot)
-    timing = time_calls(lambda: matmul(a, b).block_until_ready(), spec.warmup, spec.steps)
-    return {
-        **timing,
-        "n": n,
-        "dtype": str(jnp.dtype(dtype)),
-        "gflops_best": 2 * n**3 / timing["min_s"] / 1e9,
-        "gflops_median": 2 * n**3 / timing["median_s"] / 1e9,
-        **describe_devices(),
-    }
+    dtype = jnp.bfloat16 if spec.gpu else jnp.float32
+    matmul, per_shape = jax.jit(jnp.dot), []
+    for m, k, n in spec.matmul_shapes:
+        ka, kb = jax.random.split(jax.random.key(0))
+        a, b = jax.random.normal(ka, (m, k), dtype), jax.random.normal(kb, (k, n), dtype)
+        timing = time_calls(lambda: matmul(a, b).block_until_ready(), spec.warmup, spec.steps)  # noqa: B023
+        per_shape.append(shape_rates(m, k, n, timing))
+    return {**best_of_shapes(per_shape), "dtype": str(jnp.dtype(dtype)), **describe_devices()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import Spec, current_rss_mb, peak_rss_mb, random_batch, reset_peak_rss, summarise, worker_main
+from benchmarks.common import (
+    Spec,
+    best_of_shapes,
+    current_rss_mb,
+    peak_rss_mb,
+    random_batch,
+    reset_peak_rss,
+    shape_rates,
+    summarise,
+    worker_main,
+)
 
 
 def _device(spec: Spec) -> torch.device:
@@ -36,27 +46,22 @@ def describe_devices(device: torch.device) -> dict[str, Any]:
 
 def peak(spec: Spec) -> dict[str, Any]:
     device = _device(spec)
-    n, dtype = spec.matmul_size, (torch.bfloat16 if spec.gpu else torch.float32)
+    dtype = torch.bfloat16 if spec.gpu else torch.float32
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    times = []
-    for i in range(spec.warmup + spec.steps):
-        _sync(device)
-        tick = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i >= spec.warmup:
-            times.append(time.perf_counter() - tick)
-    timing = summarise(times)
-    return {
-        **timing,
-        "n": n,
-        "dtype": str(dtype),
-        "gflops_best": 2 * n**3 / timing["min_s"] / 1e9,
-        "gflops_median": 2 * n**3 / timing["median_s"] / 1e9,
-        **describe_devices(device),
-    }
+    per_shape = []
+    for m, k, n in spec.matmul_shapes:
+        a = torch.randn(m, k, generator=gen).to(device, dtype)
+        b = torch.randn(k, n, generator=gen).to(device, dtype)
+        times = []
+        for i in range(spec.warmup + spec.steps):
+            _sync(device)
+            tick = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            if i >= spec.warmup:
+                times.append(time.perf_counter() - tick)
+        per_shape.append(shape_rates(m, k, n, summarise(times)))
+    return {**best_of_shapes(per_shape), "dtype": str(dtype), **describe_devices(device)}
 
 
 def build(spec: Spec, device: torch.device):
