@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seq = args.seq or (512 if gpu else 128)
     warmup, steps = (2, 3) if args.quick else (3, 10)
     infer_cases = tuple(
-        (int(b), int(t), 3 if args.quick else (5 if not gpu and int(b) * int(t) > 4096 else 10))
+        (int(b), int(t), 3 if args.quick else (5 if not gpu and int(b) * int(t) > 4096 else 30))
         for b, t in (c.lower().split("x") for c in args.infer.split(","))
     )
     shape = flops.SHAPES[args.shape]
