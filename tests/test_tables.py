@@ -89,3 +89,23 @@ def test_sweep_tables_fill_their_own_cells_from_identically_trained_runs_of_the_
     assert not any(key.startswith("| Wk") for key in rows)  # borrowed runs fill cells, never add rows
     table5 = (out / "table5_weight_types.md").read_text()
     assert "76.0" in table5 and "†" not in table5
+
+
+def test_figures_page_links_every_analysed_pair_and_averages_phi_over_layers(tmp_path):
+    analysis = tmp_path / "results" / "analysis" / "r8_vs_r64"
+    analysis.mkdir(parents=True)
+    pair = {
+        "runs": ["lora_qv_r8_seed0", "lora_qv_r64_seed0"], "ranks": [8, 64], "layer": 1,
+        "figures": ["fig3_a__b.png", "fig4_a__b.png"], "random_control": [[0.002]],
+        "phi": {"attention.self.query": {"0": [[0.5]], "1": [[0.7]]}, "attention.self.value": {"0": [[0.1]]}},
+    }  # fmt: skip
+    (analysis / "subspace.json").write_text(json.dumps([pair]))
+    out = tmp_path / "paper_tables"
+    subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path / 'results'}", f"out={out}"],
+        check=True, capture_output=True, cwd=ROOT / "experiments",
+    )  # fmt: skip
+    page = (out / "figures_subspace.md").read_text()
+    assert "lora_qv_r8_seed0 (r=8) vs lora_qv_r64_seed0 (r=64)" in page
+    assert "attention.self.query 0.600, attention.self.value 0.100; random control 0.002" in page
+    assert "![fig4_a__b.png](../results/analysis/r8_vs_r64/fig4_a__b.png)" in page
