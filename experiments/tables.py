@@ -212,6 +212,15 @@ def sweep_table(results_dir: Path, out_dir: Path, exp: str, paper_table: str, al
     return "\n".join(lines) + "\n"
 
 
+def _analyses(results_dir: Path, filename: str, lines: list[str]) -> list[Path]:
+    """Every analysis output `filename` under results/analysis/; with none, says in `lines` how to make one."""
+    found = sorted(Path(results_dir, "analysis").glob(f"*/{filename}"))
+    if not found:
+        lines.append("Ours: no analysis yet (run `python experiments/analyze.py runs=[<run a>,<run b>] "
+                     "out=results/analysis/<name>`).")  # fmt: skip
+    return found
+
+
 def amplification_table(results_dir: Path) -> str:
     """Table 7: every analysis output (`experiments/analyze.py ... out=results/analysis/<name>`) beside the paper."""
     paper = paper_numbers()["table7"]
@@ -224,10 +233,7 @@ def amplification_table(results_dir: Path) -> str:
         f"r=64: {paper['amplification_factor']['r64']}.",
         "",
     ]
-    found = sorted(Path(results_dir, "analysis").glob("*/table7.md"))
-    if not found:
-        lines.append("Ours: no analysis yet (run `python experiments/analyze.py runs=[<r4 run>,<r64 run>] "
-                     "out=results/analysis/<name>`).")  # fmt: skip
+    found = _analyses(results_dir, "table7.md", lines)
     for path in found:
         lines += [f"## ours: {path.parent.name}", "", path.read_text().strip(), ""]
     return "\n".join(lines) + "\n"
@@ -243,10 +249,7 @@ def figures_page(results_dir: Path, out_dir: Path) -> str:
         "Figure 3 pairs two ranks of one run setting, Figure 4 two seeds; the last panel of each is a random control.",
         "",
     ]
-    found = sorted(Path(results_dir, "analysis").glob("*/subspace.json"))
-    if not found:
-        lines.append("Ours: no analysis yet (run `python experiments/analyze.py runs=[<run a>,<run b>] "
-                     "out=results/analysis/<name>`).")  # fmt: skip
+    found = _analyses(results_dir, "subspace.json", lines)
     for path in found:
         for pair in json.loads(path.read_text()):
             a, b = pair["runs"]
