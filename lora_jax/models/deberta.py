@@ -26,6 +26,8 @@ from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
+    attend,
+    attention_scores,
     check_merged,
     check_task,
     dense,
@@ -188,7 +190,7 @@ class DisentangledSelfAttention(nn.Module):
         v = split_heads(_dense(c, width, "value_proj")(x, deterministic))
 
         scale = jnp.sqrt(jnp.float32(c.head_dim * c.scale_factor)).astype(q.dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k / scale)
+        scores = attention_scores(q, k / scale, preferred_element_type=None)
 
         if c.relative_attention:
             span = c.attention_span
@@ -213,7 +215,7 @@ class DisentangledSelfAttention(nn.Module):
         # only masked keys and gets HF's uniform row.
         probs = masked_softmax(scores, mask[:, None, :, None] & mask[:, None, None, :], v.dtype)
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        context = attend(probs, v)
         return context.reshape(*context.shape[:-2], width)
 
 

@@ -34,6 +34,8 @@ from lora_jax.models.common import (
     NOT_HF,
     Layers,
     abstract_params,
+    attend,
+    attention_scores,
     check_merged,
     check_task,
     dense,
@@ -179,10 +181,10 @@ class MultiHeadSelfAttention(nn.Module):
         q = split(_dense(c, c.dim, "q_lin")(x, deterministic))
         k = split(_dense(c, c.dim, "k_lin")(x, deterministic))
         v = split(_dense(c, c.dim, "v_lin")(x, deterministic))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        scores = attention_scores(q, k) / math.sqrt(head_dim)
         probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
         probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = attend(probs, v)
         return _dense(c, c.dim, "out_lin")(out.reshape(*out.shape[:-2], c.dim), deterministic)
 
 

@@ -29,6 +29,8 @@ from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported
 from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
+    attend,
+    attention_scores,
     causal_cache_mask,
     check_merged,
     check_task,
@@ -160,10 +162,10 @@ class Attention(nn.Module):
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        scores = attention_scores(q, k) * scale
         probs = masked_softmax(scores, mask, dtype)  # a left-pad query sees no key: a uniform row, unused
         probs = Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype)).reshape(batch, length, cfg.n_embd)
+        out = attend(probs, v.astype(dtype)).reshape(batch, length, cfg.n_embd)
         out = dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(out, deterministic)
         return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), kv
 

@@ -34,6 +34,8 @@ from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
+    attend,
+    attention_scores,
     causal_cache_mask,
     check_merged,
     check_task,
@@ -213,7 +215,7 @@ class Attention(nn.Module):
                 k, v = kv["k"], kv["v"]
 
         # No 1/sqrt(d_kv): T5 folds it into q's init. Scores and softmax in float32 whatever the compute dtype.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = attention_scores(q, k)
         if self.has_relative_bias:
             query_pos = cache_index + jnp.arange(x.shape[1])
             relative = jnp.arange(k.shape[1])[None, :] - query_pos[:, None]
@@ -232,7 +234,7 @@ class Attention(nn.Module):
             scores = scores + position_bias
         probs = masked_softmax(scores, mask, jnp.dtype(c.dtype))
         probs = Dropout(c.dropout_rate)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(probs.dtype)).reshape(*x.shape[:-1], inner)
+        out = attend(probs, v.astype(probs.dtype)).reshape(*x.shape[:-1], inner)
         return _dense(c, c.d_model, inner**-0.5, "o")(out, deterministic), position_bias, kv
 
 
