@@ -38,7 +38,7 @@ def _params(n: int) -> str:
 def _cell(group: Group | None, out_dir: Path) -> str:
     if group is None:
         return "no run"
-    links = " ".join(f"[{i}]({os.path.relpath(f, out_dir)})" for i, f in enumerate(group.folders))
+    links = " ".join(f"[{r['seed']}]({os.path.relpath(f, out_dir)})" for r, f in zip(group.runs, group.folders))
     return f"{100 * group.median:.1f} <sub>n={len(group.runs)} {links}</sub>"
 
 
