@@ -38,7 +38,8 @@ def _params(n: int) -> str:
 def _cell(group: Group | None, out_dir: Path) -> str:
     if group is None:
         return "no run"
-    links = " ".join(f"[{r['seed']}]({os.path.relpath(f, out_dir)})" for r, f in zip(group.runs, group.folders))
+    runs = zip(group.runs, group.folders, strict=True)
+    links = " ".join(f"[{r['seed']}]({os.path.relpath(f, out_dir)})" for r, f in runs)
     return f"{100 * group.median:.1f} <sub>n={len(group.runs)} {links}</sub>"
 
 
