@@ -116,7 +116,8 @@ class LayerNorm(nn.Module):
     variance, computed in float32 and cast to `dtype`.
 
     Its backward pass keeps only the input and recomputes the statistics: autodiff of the plain formula keeps four
-    (tokens x hidden) float32 tensors per norm, which was a quarter of a RoBERTa-base LoRA step's activation memory.
+    (tokens x hidden) float32 tensors per norm. Together with the checkpointed softmax this took a RoBERTa-base
+    8x128 LoRA step's XLA temporaries from 956 to 885 MB (after the activations' own 1244 -> 956 MB).
     """
 
     epsilon: float = 1e-5
