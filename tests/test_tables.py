@@ -49,8 +49,8 @@ def test_glue_minilm_table_has_medians_links_gaps_and_missing_cells(tmp_path):
     text = (out / "glue_minilm.md").read_text()
     lora_row = next(row for row in text.splitlines() if row.startswith("| LoRA r=8"))
     full_row = next(row for row in text.splitlines() if row.startswith("| FT"))
-    assert "80.0 <sub>n=3" in lora_row and "60.0 <sub>n=1" in lora_row
-    assert "83.0 <sub>n=3" in full_row and "no run" in full_row  # no full-FT run on RTE
+    assert "80.0 <sub>n=3 70.0–90.0 " in lora_row and "60.0 <sub>n=1 [0]" in lora_row
+    assert "83.0 <sub>n=3 82.0–84.0 " in full_row and "no run" in full_row  # no full-FT run on RTE
     assert "../glue_minilm/mrpc/lora_r8_a8_seed0" in lora_row
     assert "MRPC -3.0" in text
     assert "paper: roberta_base LoRA" in text and "89.7" in text  # the paper's number from paper_numbers.yaml
@@ -77,6 +77,7 @@ def test_sweep_tables_fill_their_own_cells_from_identically_trained_runs_of_the_
     fake_sweep_run(tmp_path, "weight_type_minilm", ["q"], 8, 0.77)  # a Table 6 cell too
     fake_sweep_run(tmp_path, "weight_type_minilm", ["k"], 8, 0.76)  # Table 5 only
     fake_sweep_run(tmp_path, "weight_type_minilm", ["q", "k", "v", "o"], 2, 0.83, lr=5e-4)  # trained otherwise
+    (tmp_path / "rank_minilm" / "COMMANDS.md").write_text("how")
     out = tmp_path / "tables"
     subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path}", f"out={out}"], check=True
@@ -89,6 +90,8 @@ def test_sweep_tables_fill_their_own_cells_from_identically_trained_runs_of_the_
     assert not any(key.startswith("| Wk") for key in rows)  # borrowed runs fill cells, never add rows
     table5 = (out / "table5_weight_types.md").read_text()
     assert "76.0" in table5 and "†" not in table5
+    assert "[COMMANDS.md](../rank_minilm/COMMANDS.md)" in (out / "table6_rank.md").read_text()
+    assert "COMMANDS.md" not in table5  # no such file beside weight_type_minilm's runs
 
 
 def test_figures_page_links_every_analysed_pair_and_averages_phi_over_layers(tmp_path):
