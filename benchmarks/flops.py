@@ -32,6 +32,8 @@ So a LoRA step is forward + about one more forward (the dX half of the backward)
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 from typing import Any
 
 
@@ -111,31 +113,46 @@ def inference_flops(s: Shape, batch: int, seq: int, lora_rank: int = 0) -> float
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def jaxpr_matmul_flops(closed_jaxpr: Any) -> float:
-    """2 * (output elements) * (contracted size), summed over every dot_general, sub-jaxprs included.
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """One dot_general the step runs, as it can be rebuilt and timed alone (benchmarks/jax_worker.py)."""
+
+    lhs_shape: tuple[int, ...]
+    rhs_shape: tuple[int, ...]
+    dtype: str
+    dimension_numbers: Any  # ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), as lax.dot_general takes it
+    flops: float
+
+
+def jaxpr_matmuls(closed_jaxpr: Any) -> Counter[Matmul]:
+    """Every dot_general in a jaxpr, sub-jaxprs included, with how often each occurs.
 
     Dead code is dropped first (jax.make_jaxpr keeps e.g. forward values nobody reads), so frozen-weight
     gradients show up here only if the step really computes them."""
     from jax.extend.core import subjaxprs
 
-    jaxpr = _dce(closed_jaxpr.jaxpr)
+    found: Counter[Matmul] = Counter()
 
-    def count(jx) -> float:
-        total = 0.0
+    def visit(jx) -> None:
         for eqn in jx.eqns:
             if eqn.primitive.name == "dot_general":
-                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-                lhs_shape = eqn.invars[0].aval.shape
-                contracted = 1
-                for axis in lhs_contract:
-                    contracted *= lhs_shape[axis]
-                out = 1
-                for size in eqn.outvars[0].aval.shape:
-                    out *= size
-                total += 2.0 * out * contracted
-        return total + sum(count(sub) for sub in subjaxprs(jx))
+                dims = eqn.params["dimension_numbers"]
+                lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+                contracted = math.prod(lhs.shape[axis] for axis in dims[0][0])
+                out = math.prod(eqn.outvars[0].aval.shape)
+                frozen_dims = tuple(tuple(tuple(int(a) for a in axes) for axes in pair) for pair in dims)
+                key = Matmul(tuple(lhs.shape), tuple(rhs.shape), str(lhs.dtype), frozen_dims, 2.0 * out * contracted)
+                found[key] += 1
+        for sub in subjaxprs(jx):
+            visit(sub)
 
-    return count(jaxpr)
+    visit(_dce(closed_jaxpr.jaxpr))
+    return found
+
+
+def jaxpr_matmul_flops(closed_jaxpr: Any) -> float:
+    """2 * (output elements) * (contracted size), summed over every dot_general the step runs."""
+    return sum(m.flops * count for m, count in jaxpr_matmuls(closed_jaxpr).items())
 
 
 def _dce(jaxpr: Any) -> Any:

@@ -171,6 +171,7 @@ def _cache_size(jitted) -> int | None:
 
 def analyse(jitted, step_fn, args, spec: Spec) -> dict[str, Any]:
     """XLA's FLOP and memory estimates of the compiled step, the jaxpr's matmul FLOPs, and what the HLO holds."""
+    step_jaxpr = jax.make_jaxpr(step_fn)(*args)
     tick = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     relower_s = time.perf_counter() - tick
@@ -193,10 +194,41 @@ def analyse(jitted, step_fn, args, spec: Spec) -> dict[str, Any]:
         "xla_flops": float(cost.get("flops", float("nan"))) if cost else None,
         "xla_bytes_accessed": float(cost.get("bytes accessed", float("nan"))) if cost else None,
         "xla_memory": memory,
-        "jaxpr_matmul_flops": flops.jaxpr_matmul_flops(jax.make_jaxpr(step_fn)(*args)),
+        "jaxpr_matmul_flops": flops.jaxpr_matmul_flops(step_jaxpr),
+        "matmuls_alone": time_matmuls_alone(flops.jaxpr_matmuls(step_jaxpr), spec),
         "hlo": hlo_stats(compiled.as_text(), spec),
         "relower_compile_s": relower_s,
     }
+
+
+def time_matmuls_alone(matmuls: dict[flops.Matmul, int], spec: Spec) -> dict[str, Any]:
+    """Each distinct dot_general of the step, jitted and timed on its own, times how often the step runs it.
+
+    Their sum is what the step's matrix products cost on this machine at their own shapes and layouts, with
+    everything else (dropout bits, softmax, LayerNorm, GELU, AdamW) free: the fastest the step could be without
+    faster matmuls. A jitted call's fixed dispatch cost, timed on a one-element add, is taken off each dot."""
+    key = jax.random.key(1)
+    noop = jax.jit(lambda x: x + 1)
+    one = jnp.zeros((), jnp.float32)
+    dispatch_s = time_calls(lambda: noop(one).block_until_ready(), 5, 50)["min_s"]
+    rows, total_median, total_min = [], 0.0, 0.0
+    for m, count in sorted(matmuls.items(), key=lambda item: -item[0].flops * item[1]):
+        ka, kb, key = jax.random.split(key, 3)
+        a = jax.random.normal(ka, m.lhs_shape, m.dtype)
+        b = jax.random.normal(kb, m.rhs_shape, m.dtype)
+        dot = jax.jit(lambda x, y, dims=m.dimension_numbers: jax.lax.dot_general(x, y, dims))
+        timing = time_calls(lambda: dot(a, b).block_until_ready(), 2, 7)  # noqa: B023
+        median_s = max(timing["median_s"] - dispatch_s, 0.0)
+        min_s = max(timing["min_s"] - dispatch_s, 0.0)
+        total_median += count * median_s
+        total_min += count * min_s
+        rows.append({"lhs": list(m.lhs_shape), "rhs": list(m.rhs_shape), "dims": m.dimension_numbers,
+                     "count": count, "gflop_each": m.flops / 1e9, "median_ms": 1e3 * median_s,
+                     "gflops": m.flops / median_s / 1e9 if median_s else None})  # fmt: skip
+    total_flops = sum(m.flops * c for m, c in matmuls.items())
+    return {"sum_median_s": total_median, "sum_min_s": total_min, "flops": total_flops,
+            "gflops": total_flops / total_median / 1e9 if total_median else None,
+            "dispatch_s": dispatch_s, "distinct": len(rows), "dots": sum(matmuls.values()), "each": rows}  # fmt: skip
 
 
 def hlo_stats(text: str, spec: Spec) -> dict[str, Any]:

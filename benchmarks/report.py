@@ -104,6 +104,7 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("LoRA step: fraction of the FLOP floor (best matmul rate measured)", floor, "lora_fraction_of_floor")
         lora = t.get("lora_jax/lora")
         add("LoRA step: same, at the median matmul rate", lora.get("fraction_of_median_peak") if _ok(lora) else None)
+        add("LoRA step: its ceiling, with everything but its matmuls free", matmul_ceiling(results, "lora_jax/lora"))
     add(
         "full FT step: speedup of lora_jax over torch eager",
         time_ratio("torch/full-eager", "lora_jax/full"),
@@ -145,6 +146,42 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def matmul_ceiling(results: dict[str, Any], config: str) -> float | None:
+    """The floor fraction a step would reach if everything but its matmuls were free: floor time / the time its
+    own dot_generals take, each timed alone on this machine (jax_worker.time_matmuls_alone)."""
+    r, peak = results["train"].get(config), machine_peak_flops(results)
+    alone = (r or {}).get("matmuls_alone") if _ok(r) else None
+    if not alone or not peak or not alone["sum_median_s"]:
+        return None
+    return results["flops"][method_of(config)]["total"] / peak / alone["sum_median_s"]
+
+
+def _time_split(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, r in results["train"].items():
+        alone = r.get("matmuls_alone") if _ok(r) else None
+        if not alone:
+            continue
+        step, dots = r["median_s"], alone["sum_median_s"]
+        rows.append([name, _fmt(1e3 * step, ".1f"), f"{alone['dots']} ({alone['distinct']} distinct)",
+                     _fmt(1e3 * dots, ".1f"), _fmt(alone["gflops"], ".1f"), _fmt(dots / step, ".2f"),
+                     _fmt(1e3 * (step - dots), ".1f"), _fmt(matmul_ceiling(results, name), ".2f")])  # fmt: skip
+    if not rows:
+        return []
+    header = ["config", "step ms", "dot_generals", "their time alone ms", "their GFLOP/s", "share of step",
+              "rest ms", "floor fraction if the rest were free"]  # fmt: skip
+    return [
+        "## Where the step's time goes",
+        "",
+        *_table(header, rows),
+        "Every dot_general of the step's jaxpr, jitted and timed alone at its own shape and dimension order (median "
+        "of 7, less a jitted call's dispatch cost), times how often the step runs it. 'rest' is everything else: "
+        "dropout bits, softmax, LayerNorm, GELU, the loss, AdamW, copies. The last column bounds the floor fraction "
+        "this machine allows without faster matmuls.",
+        "",
+    ]
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
@@ -268,6 +305,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
 
+    out += _time_split(results)
     out += ["## Matmul peak", ""]
     rows = [
         [k, "x".join(map(str, r["mkn"])) + f" {p['dtype']}", _fmt(r["gflops_best"], ".1f"),

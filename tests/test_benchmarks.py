@@ -55,6 +55,23 @@ def test_analytic_flops_equal_the_steps_matmuls(shape, batch, seq, rank, method)
     assert want["forward"] + want["backward"] == want["total"]
 
 
+def test_each_matmul_rebuilds_as_the_step_ran_it():
+    """The timing of the step's matmuls alone rebuilds each dot_general from its inventory entry: the rebuilt
+    product must have the step's operands, output size and FLOPs, or the 'time alone' would time something else."""
+    closed = _step_jaxpr(flops.Shape(hidden=32, layers=2, heads=4, ffn=64, vocab=50, max_positions=24), 2, 8,
+                         "lora", 4)  # fmt: skip
+    matmuls = flops.jaxpr_matmuls(closed)
+    assert sum(matmuls.values()) > len(matmuls) > 5  # repeats across layers collapse into counts
+    for m in matmuls:
+        a, b = jax.ShapeDtypeStruct(m.lhs_shape, m.dtype), jax.ShapeDtypeStruct(m.rhs_shape, m.dtype)
+        out = jax.eval_shape(lambda x, y, dims=m.dimension_numbers: jax.lax.dot_general(x, y, dims), a, b)
+        contracted = 1
+        for axis in m.dimension_numbers[0][0]:
+            contracted *= m.lhs_shape[axis]
+        assert 2.0 * out.size * contracted == m.flops
+    assert sum(m.flops * c for m, c in matmuls.items()) == flops.jaxpr_matmul_flops(closed)
+
+
 def test_lora_skips_frozen_weight_gradients():
     shape = flops.SHAPES["base"]
     lora, full = (flops.train_step_flops(shape, 8, 128, m) for m in ("lora", "full"))
@@ -92,3 +109,18 @@ def test_each_config_is_charged_its_own_methods_flops():
     }  # fmt: skip
     assert results["train"]["lora_jax/full"]["fraction_of_measured_peak"] == pytest.approx(0.3)
     assert results["train"]["lora_jax/full"]["fraction_of_median_peak"] == pytest.approx(3.0 / 8.0)
+
+
+def test_matmul_ceiling_is_floor_time_over_the_matmuls_time():
+    # 2 GFLOP at a 10 GFLOP/s peak: a 0.2 s floor; its matmuls alone take 0.25 s, so 0.8 is the most it can reach.
+    alone = {"sum_median_s": 0.25, "gflops": 8.0, "dots": 3, "distinct": 2}
+    results = {
+        "meta": {"gpu": False, "peak_tflops": None},
+        "flops": {"lora": {"total": 2.0e9}, "full": {"total": 3.0e9}},
+        "peak": {"jax": {"gflops_best": 10.0, "gflops_median": 8.0}},
+        "train": {"lora_jax/lora": {"median_s": 0.5, "matmuls_alone": alone}, "lora_jax/full": {"median_s": 1.0}},
+    }
+    assert report.matmul_ceiling(results, "lora_jax/lora") == pytest.approx(0.8)
+    assert report.matmul_ceiling(results, "lora_jax/full") is None  # not measured: no bound claimed
+    split = "\n".join(report._time_split(results))
+    assert "| lora_jax/lora | 500.0 | 3 (2 distinct) | 250.0 | 8.0 | 0.50 | 250.0 | 0.80 |" in split
