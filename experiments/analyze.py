@@ -38,7 +38,7 @@ from lora_jax.analysis import (
     mean_over_layers,
     random_gaussian_control,
 )
-from lora_jax.lora import leaf_paths, matches_module
+from lora_jax.tree import leaf_paths, matches_module
 
 OmegaConf.register_new_resolver(
     "package_model", lambda name: str(importlib.import_module(name).get_model_path()), replace=True

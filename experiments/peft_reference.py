@@ -39,9 +39,10 @@ from lora_jax.data import get_task, glue_metrics, load_glue, predictions_from_lo
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.data.glue import GlueTask
 from lora_jax.logging import JsonlLogger
-from lora_jax.lora import LoraConfig, matches_leaf
+from lora_jax.lora import LoraConfig
 from lora_jax.models.hub import load_tokenizer, resolve
 from lora_jax.train import TrainingDiverged
+from lora_jax.tree import matches_leaf
 
 # Placed before the user's overrides (a later one wins): results, and Hydra's own files, go to peft_<run>, so a
 # reference run never writes into the lora_jax run folder it is compared with.

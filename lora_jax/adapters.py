@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lora_jax.lora import LoraConfig, LoraError, Params, combine, is_lora_leaf, leaf_paths, trainable_mask
+from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf, trainable_mask
+from lora_jax.tree import Params, combine, leaf_paths
 
 TENSORS = "adapter.safetensors"
 CONFIG = "lora_config.json"

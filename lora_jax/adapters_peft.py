@@ -28,14 +28,12 @@ from lora_jax.lora import (
     LORA_SCALE,
     LoraConfig,
     LoraError,
-    Params,
     available_kernels,
-    combine,
     is_lora_leaf,
-    leaf_paths,
     trainable_mask,
 )
 from lora_jax.models import hub
+from lora_jax.tree import Params, combine, leaf_paths
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

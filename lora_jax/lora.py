@@ -22,7 +22,7 @@ import dataclasses
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-Params = Mapping[str, Any]
+from lora_jax.tree import Params, combine, filter_leaves, leaf_paths, map_with_path, matches_leaf, matches_module
 
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
@@ -101,9 +101,7 @@ class LoraConfig:
         if self.bias not in ("none", "all", "lora_only"):
             raise LoraError(f"LoRA bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         if not self.targets:
-            raise LoraError(
-                "LoRA targets is empty; name at least one module, e.g. targets=['query', 'value']."
-            )
+            raise LoraError("LoRA targets is empty; name at least one module, e.g. targets=['query', 'value'].")
 
     def rank_for(self, module_path: str) -> int:
         return next((r for p, r in self.rank_pattern.items() if matches_module(p, module_path)), self.r)
@@ -139,31 +137,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Paths and patterns
+# Kernels and LoRA leaves
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def matches_module(pattern: str, module_path: str) -> bool:
-    """True if `pattern` matches a trailing run of whole components of `module_path` (PEFT's suffix rule)."""
-    return re.search(rf"(?:^|\.)(?:{pattern})$", module_path) is not None
-
-
-def matches_leaf(pattern: str, leaf_path: str) -> bool:
-    """True if `pattern` matches a run of whole components anywhere in `leaf_path`."""
-    return re.search(rf"(?:^|\.)(?:{pattern})(?:\.|$)", leaf_path) is not None
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-    """(dotted path, leaf) for every leaf, in pytree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in flat]
 
 
 def _modules_with_kernels(tree: Params, prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -249,9 +224,7 @@ def lora_wrap(params: Params, config: LoraConfig, rng: jax.Array) -> dict[str, A
     others. Untouched subtrees are returned as the same objects.
     """
     if any(is_lora_leaf(p) for p, _ in leaf_paths(params)):
-        raise LoraError(
-            "These params already carry LoRA leaves; wrap the base params (or `merge` them first)."
-        )
+        raise LoraError("These params already carry LoRA leaves; wrap the base params (or `merge` them first).")
     targets = _find_targets(params, config)
     if not targets:
         raise LoraError(
@@ -271,8 +244,7 @@ def lora_wrap(params: Params, config: LoraConfig, rng: jax.Array) -> dict[str, A
                 "pass exclude=() to adapt them (or train them fully with train_also)."
             )
         raise LoraError(
-            f"LoRA targets {unmatched} match no kernel; available: "
-            f"{_summarise(available_kernels(params, config))}."
+            f"LoRA targets {unmatched} match no kernel; available: {_summarise(available_kernels(params, config))}."
         )
 
     additions: dict[str, dict[str, jax.Array]] = {}
@@ -322,36 +294,12 @@ def _insert(tree: Params, additions: Mapping[str, Mapping[str, Any]], prefix: st
 
 def lora_params(params: Params) -> dict[str, Any]:
     """Only the LoRA leaves, as a nested dict (the adapter)."""
-    return _filter(params, lambda path: is_lora_leaf(path))
+    return filter_leaves(params, lambda path: is_lora_leaf(path))
 
 
 def strip_lora(params: Params) -> dict[str, Any]:
     """Params without any LoRA leaves (the base model's structure)."""
-    return _filter(params, lambda path: not is_lora_leaf(path))
-
-
-def _filter(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for name, child in tree.items():
-        path = f"{prefix}.{name}" if prefix else str(name)
-        if isinstance(child, Mapping):
-            sub = _filter(child, keep, path)
-            if sub:
-                out[name] = sub
-        elif keep(path):
-            out[name] = child
-    return out
-
-
-def combine(base: Params, extra: Params) -> dict[str, Any]:
-    """Deep-merge two nested dicts (e.g. base params and an adapter); `extra` wins on clashes."""
-    out = dict(base)
-    for name, child in extra.items():
-        if isinstance(child, Mapping) and isinstance(out.get(name), Mapping):
-            out[name] = combine(out[name], child)
-        else:
-            out[name] = child
-    return out
+    return filter_leaves(params, lambda path: not is_lora_leaf(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,9 +325,7 @@ def trainable_mask(params: Params, config: LoraConfig | None = None) -> Any:
             return config.bias == "all" or (config.bias == "lora_only" and path.rsplit(".", 1)[0] in adapted)
         return False
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [".".join(_key_name(k) for k in path) for path, _ in flat]
-    return jax.tree_util.tree_unflatten(treedef, [trains(p) for p in paths])
+    return map_with_path(lambda path, _: trains(path), params)
 
 
 def partition(params: Params, mask: Any) -> tuple[Any, Any]:
@@ -471,10 +417,7 @@ class ParamCount:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
-            f"|| trainable%: {self.percent:.4f}"
-        )
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
 
 
 def count_params(params: Params, config: LoraConfig | None = None) -> ParamCount:

@@ -31,15 +31,8 @@ from lora_jax.adapters import save_adapter
 from lora_jax.checkpoint import RunCheckpoints
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.logging import JsonlLogger, Logger, Loggers
-from lora_jax.lora import (
-    LoraConfig,
-    count_params,
-    leaf_paths,
-    matches_leaf,
-    partition,
-    trainable_mask,
-    unpartition,
-)
+from lora_jax.lora import LoraConfig, count_params, partition, trainable_mask, unpartition
+from lora_jax.tree import leaf_paths, matches_leaf
 
 Params = Any
 Batch = Mapping[str, np.ndarray]

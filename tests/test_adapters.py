@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lora_jax.adapters import CONFIG, TENSORS, load_adapter, load_adapter_config, save_adapter
-from lora_jax.lora import LoraConfig, LoraError, leaf_paths, lora_wrap
+from lora_jax.lora import LoraConfig, LoraError, lora_wrap
+from lora_jax.tree import leaf_paths
 from tests.test_lora import perturb_lora_b
 from tests.tiny import tiny
 

@@ -16,7 +16,6 @@ from lora_jax.lora import (
     LoraConfig,
     LoraError,
     count_params,
-    leaf_paths,
     lora_optimizer,
     lora_params,
     lora_wrap,
@@ -27,6 +26,7 @@ from lora_jax.lora import (
     unmerge,
     unpartition,
 )
+from lora_jax.tree import leaf_paths
 from tests.tiny import tiny
 
 QV = LoraConfig(r=4, alpha=8, targets=("query", "value"))

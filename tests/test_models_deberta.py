@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta  # noqa: E402
 
-from lora_jax import lora  # noqa: E402
+from lora_jax import lora, tree  # noqa: E402
 from lora_jax.models import deberta  # noqa: E402
 
 TOL = 1e-4  # fp32 on CPU
@@ -246,7 +246,7 @@ def test_lora_targets_name_the_right_kernels(saved):
     _, params, _ = _load(folder, CLS)
     kernels = lora.available_kernels(params)
     matched = {
-        name: sorted(k for k in kernels if lora.matches_module(pattern, k))
+        name: sorted(k for k in kernels if tree.matches_module(pattern, k))
         for name, pattern in deberta.LORA_TARGETS.items()
     }
     layer = "deberta.encoder.layer.{}."

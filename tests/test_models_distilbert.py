@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.lora import count_params, leaf_paths, lora_wrap, merge
+from lora_jax.lora import count_params, lora_wrap, merge
 from lora_jax.models import distilbert, hub
+from lora_jax.tree import leaf_paths
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -14,8 +14,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from lora_jax.lora import LoraConfig, leaf_paths, lora_wrap, merge
+from lora_jax.lora import LoraConfig, lora_wrap, merge
 from lora_jax.models import gpt2, hub
+from lora_jax.tree import leaf_paths
 from tests.test_lora import perturb_lora_b
 
 VOCAB, PAD, EOS = 97, 0, 2

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax.lora import count_params, leaf_paths, lora_wrap, merge
+from lora_jax.lora import count_params, lora_wrap, merge
 from lora_jax.models import hub, seq2seq_generate, t5
+from lora_jax.tree import leaf_paths
 from tests.test_hub import perturb_lora_b
 
 torch = pytest.importorskip("torch")

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from lora_jax.logging import read_jsonl
-from lora_jax.lora import count_params, leaf_paths, lora_wrap
+from lora_jax.lora import count_params, lora_wrap
 from lora_jax.models.hub import from_pretrained, lora_config
 from lora_jax.train import TrainConfig, linear_schedule, method_mask
+from lora_jax.tree import leaf_paths
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 
 ROOT = Path(__file__).resolve().parents[1]

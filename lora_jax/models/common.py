@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, LayerNorm
-from lora_jax.lora import is_lora_leaf, leaf_paths
+from lora_jax.lora import is_lora_leaf
+from lora_jax.tree import leaf_paths
 
 # transformers' ACT2FN names -> functions. HF "gelu" is the exact erf form; the "new"/"tanh"/"fast" names are the
 # tanh approximation. Each is checkpointed on its own: the backward pass keeps its input and recomputes the rest,

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
@@ -43,6 +42,7 @@ from lora_jax.models.common import (
     unflatten,
 )
 from lora_jax.models.relative_positions import relative_positions
+from lora_jax.tree import leaf_paths
 
 MODEL_TYPES = ("deberta-v2",)
 LORA_TARGETS = {

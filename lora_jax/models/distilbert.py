@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
     NOT_HF,
@@ -48,6 +47,7 @@ from lora_jax.models.common import (
     swap_layout,
     unflatten,
 )
+from lora_jax.tree import leaf_paths
 
 MODEL_TYPES = ("distilbert",)
 LORA_TARGETS = {

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.lora import leaf_paths
 from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported: gpt2.generate)
 from lora_jax.models.common import (
     ACTIVATIONS,
@@ -46,6 +45,7 @@ from lora_jax.models.common import (
     unflatten,
     write_cache,
 )
+from lora_jax.tree import leaf_paths
 
 MODEL_TYPES = ("gpt2",)
 LORA_TARGETS = {

@@ -21,7 +21,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lora_jax.lora import LoraConfig, leaf_paths, merge
+from lora_jax.lora import LoraConfig, merge
+from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
 

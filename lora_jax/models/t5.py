@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, Dropout
-from lora_jax.lora import leaf_paths
 from lora_jax.models.common import (
     ACTIVATIONS,
     abstract_params,
@@ -50,6 +49,7 @@ from lora_jax.models.common import (
     write_cache,
 )
 from lora_jax.models.relative_positions import relative_position_bucket
+from lora_jax.tree import leaf_paths
 
 MODEL_TYPES = ("t5", "mt5")
 _ATTENTIONS = r"(?:SelfAttention|EncDecAttention)"
