@@ -29,6 +29,7 @@ from benchmarks.common import (
     time_calls,
     worker_main,
 )
+from lora_jax import sharding
 from lora_jax import train as lj_train
 from lora_jax.lora import lora_wrap, merge
 from lora_jax.models import hub
@@ -97,13 +98,13 @@ def train(spec: Spec) -> dict[str, Any]:
 
     # As lora_jax.train.train() sets up its step, minus checkpoints and logging.
     config = lj_train.TrainConfig(method=spec.method, batch_size=spec.batch, progress=False)
-    mesh = lj_train.make_mesh()
+    mesh = sharding.make_mesh()
     prepared = lj_train.prepare(module, params, config, num_labels=2, total_micro_steps=10_000, mesh=mesh,
                                 lora_config=lcfg)  # fmt: skip
     del params
     jitted, trainable, frozen, opt_state = prepared.train_step, prepared.trainable, prepared.frozen, prepared.opt_state
     step_fn = jitted.__wrapped__
-    batch = lj_train.place_batch(random_batch(spec.model_shape, spec.batch, spec.seq), mesh)
+    batch = sharding.place_batch(random_batch(spec.model_shape, spec.batch, spec.seq), mesh)
     n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(int(np.size(x)) for x in jax.tree.leaves(frozen))
 

@@ -1,6 +1,6 @@
 """Datasets, tokenising, batching and metrics. Knows nothing about models beyond a tokenizer."""
 
-from lora_jax.data.batching import default_buckets, epoch_batches, eval_batches, num_batches, shard_batch
+from lora_jax.data.batching import default_buckets, epoch_batches, eval_batches, num_batches
 from lora_jax.data.glue import GLUE_DIR_ENV, TASKS, GlueSplit, GlueTask, get_task, load_glue, tokenize
 from lora_jax.data.metrics import glue_metrics, main_metric, predictions_from_logits
 from lora_jax.data.text import TEXT_TASKS, file_task, load_split, load_text, task_from_config
@@ -23,7 +23,6 @@ __all__ = [
     "main_metric",
     "num_batches",
     "predictions_from_logits",
-    "shard_batch",
     "task_from_config",
     "tokenize",
 ]

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Batch = dict[str, np.ndarray]
 Dataset = Mapping[str, np.ndarray]
@@ -129,8 +127,3 @@ def eval_batches(
     n = len(dataset["attention_mask"])
     for start in range(0, n, batch_size):
         yield take(dataset, np.arange(start, min(start + batch_size, n)), rows, buckets)
-
-
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, axis: str = "data") -> dict[str, jax.Array]:
-    """Place a host batch on the mesh, rows split over `axis` (single host: every row is local)."""
-    return jax.device_put(dict(batch), NamedSharding(mesh, PartitionSpec(axis)))
