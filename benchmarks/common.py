@@ -38,6 +38,7 @@ class Spec:
     steps: int = 10
     lora_rank: int = 8
     remat: str = ""  # jax only: the models' `remat` setting ("" = off, "dots", "full")
+    no_dropout: bool = False  # jax only: hidden and attention dropout off, to price dropout's random bits
     matmul_size: int = 4096
     infer_cases: tuple[tuple[int, int, int], ...] = ((1, 128, 10), (32, 512, 5))  # (batch, seq, timed reps)
 

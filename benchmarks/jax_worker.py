@@ -53,8 +53,9 @@ def device_peak_bytes() -> int | None:
 def load(spec: Spec):
     dtype = jnp.bfloat16 if spec.gpu else jnp.float32
     remat = {"": False, "full": True}.get(spec.remat, spec.remat)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if spec.no_dropout else {}
     module, params, _, config = hub.from_pretrained(
-        spec.checkpoint, task="sequence-classification", num_labels=2, dtype=dtype, remat=remat
+        spec.checkpoint, task="sequence-classification", num_labels=2, dtype=dtype, remat=remat, **no_dropout
     )
     return module, params, config
 

@@ -131,6 +131,9 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("lora_jax: LoRA with remat / full peak memory", remat_mem / full_mem if full_mem else None)
         add("lora_jax: LoRA with remat / full step time", time_ratio("lora_jax/lora-remat", "lora_jax/full"))
         add("lora_jax: LoRA with remat / LoRA step time", time_ratio("lora_jax/lora-remat", "lora_jax/lora"))
+    if _ok(t.get("lora_jax/lora-nodropout")) and _ok(t.get("lora_jax/lora")):
+        no_dropout = time_ratio("lora_jax/lora-nodropout", "lora_jax/lora")
+        add("lora_jax: share of the LoRA step that dropout costs", 1 - no_dropout if no_dropout else None)
     for case in (results.get("infer") or {}).get("cases", []):
         # Best of the interleaved reps: a shared machine only ever slows a forward down, and merged params run
         # base's own executable, so any gap between their medians is the machine's, not the model's.

@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("peft/eager", "torch_worker", {"method": "lora"}),
             ("lora_jax/full", "jax_worker", {"method": "full"}),
             ("lora_jax/lora-remat", "jax_worker", {"method": "lora", "remat": "full"}),
+            ("lora_jax/lora-nodropout", "jax_worker", {"method": "lora", "no_dropout": True}),
             ("torch/full-eager", "torch_worker", {"method": "full"}),
             ("peft/compile", "torch_worker", {"method": "lora", "compile": True}),
             ("torch/full-compile", "torch_worker", {"method": "full", "compile": True}),
