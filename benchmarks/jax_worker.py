@@ -197,13 +197,13 @@ def analyse(jitted, step_fn, args, spec: Spec) -> dict[str, Any]:
         "xla_bytes_accessed": float(cost.get("bytes accessed", float("nan"))) if cost else None,
         "xla_memory": memory,
         "jaxpr_matmul_flops": flops.jaxpr_matmul_flops(step_jaxpr),
-        "matmuls_alone": time_matmuls_alone(flops.jaxpr_matmuls(step_jaxpr), spec),
+        "matmuls_alone": time_matmuls_alone(flops.jaxpr_matmuls(step_jaxpr)),
         "hlo": hlo_stats(compiled.as_text(), spec),
         "relower_compile_s": relower_s,
     }
 
 
-def time_matmuls_alone(matmuls: dict[flops.Matmul, int], spec: Spec) -> dict[str, Any]:
+def time_matmuls_alone(matmuls: dict[flops.Matmul, int]) -> dict[str, Any]:
     """Each distinct dot_general of the step, jitted and timed on its own, times how often the step runs it.
 
     Their sum is what the step's matrix products cost on this machine at their own shapes and layouts, with
