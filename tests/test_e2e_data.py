@@ -110,7 +110,9 @@ def test_padding_fraction_is_what_the_batcher_pads() -> None:
     for buckets in (default_buckets(width), e2e.length_buckets(lengths, 8)):
         batches = list(epoch_batches(dataset, 8, seed=3, epoch=1, buckets=buckets))
         # Pad slots, plus the tokens of filler rows (a repeated real row with weight 0): both are waste.
-        wasted = sum(int((b["attention_mask"] == 0).sum() + b["attention_mask"][b["weights"] == 0].sum()) for b in batches)
+        wasted = sum(
+            int((b["attention_mask"] == 0).sum() + b["attention_mask"][b["weights"] == 0].sum()) for b in batches
+        )
         total = sum(b["attention_mask"].size for b in batches)
         measured = e2e.padding_fraction(lengths, 8, buckets, seed=3, epoch=1)
         assert measured == pytest.approx(wasted / total)

@@ -189,7 +189,7 @@ def require_java() -> str:
     """The path of `java`, or a JavaNotFoundError that says what to install."""
     java = shutil.which("java")
     if java is None:
-        raise JavaNotFoundError(f"METEOR 1.5 and the PTB tokenizer need Java, which is not on PATH: {JAVA_INSTALL_HINT}.")
+        raise JavaNotFoundError(f"METEOR 1.5 and the PTB tokenizer need Java, not found on PATH: {JAVA_INSTALL_HINT}.")
     return java
 
 
