@@ -20,6 +20,7 @@ that tokenizer run on Java; without it they raise `JavaNotFoundError`, never a s
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from collections import Counter
@@ -173,16 +174,23 @@ def ptb_tokenize(
 
 
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
-    from pycocoevalcap.meteor.meteor import Meteor
-
     require_java()
-    scorer = Meteor()
+    scorer = _meteor_process()
     try:
         return float(scorer.compute_score(gts, res)[0])
     except ValueError as err:  # the jar printed no number: it failed to start or ran out of memory
+        _meteor_process.cache_clear()
         scorer.meteor_p.kill()
         detail = scorer.meteor_p.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
         raise RuntimeError(f"METEOR's Java process gave no score ({'; '.join(detail) or err}).") from err
+
+
+@functools.lru_cache(maxsize=1)
+def _meteor_process():
+    """One METEOR jar per Python process: loading its paraphrase table takes seconds, scoring a corpus does not."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
 
 
 def require_java() -> str:
