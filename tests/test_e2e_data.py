@@ -140,3 +140,22 @@ def test_real_test_set_pads_little_with_fine_buckets(tokenizer) -> None:
     coarse = e2e.padding_fraction(lengths, 8, default_buckets(rows["input_ids"].shape[1]))
     print(f"E2E test rows, batch 8: padding {fine:.3f} with 8-token buckets, {coarse:.3f} with powers of two")
     assert fine < 0.12 < coarse
+
+
+@pytest.mark.slow
+def test_real_test_groups_are_the_official_csvs() -> None:
+    # The challenge's own testset_w_refs.csv (another MR notation, untokenised references) groups the same 630
+    # MRs in the same order with the same references: only the spacing around punctuation differs.
+    import csv
+
+    official_csv = _real_dir() / "official_csv" / "testset_w_refs.csv"
+    if not official_csv.is_file():
+        pytest.skip(f"no {official_csv}")
+    official: dict[str, list[str]] = {}
+    with official_csv.open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            official.setdefault(row["mr"], []).append(row["ref"])
+    ours = e2e.group_by_mr(e2e.load_e2e("test", _real_dir())).references
+    assert len(ours) == len(official) == REAL_MRS["test"]
+    for mine, theirs in zip(ours, official.values(), strict=True):
+        assert [r.replace(" ", "") for r in mine] == [r.replace(" ", "") for r in theirs]
