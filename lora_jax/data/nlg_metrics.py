@@ -15,7 +15,8 @@ the paper prints BLEU, METEOR and ROUGE-L x100, NIST and CIDEr as they are).
 
 METEOR, ROUGE-L and CIDEr see the text as the scorer feeds it to the MS-COCO caption code: tokenised by the
 Stanford PTB tokenizer (pycocoevalcap's CoreNLP 3.4.1 jar, lowercased, punctuation tokens dropped). METEOR and
-that tokenizer run on Java; without it they raise `JavaNotFoundError`, never a silent zero.
+that tokenizer run on Java; without it they raise `JavaNotFoundError`, never a silent zero. (pycocoevalcap's
+tokenizer writes its input to a temporary file beside its jar, so its package folder must be writable.)
 """
 
 from __future__ import annotations
