@@ -5,7 +5,7 @@ PEFT writes `adapter_config.json` and `adapter_model.safetensors` whose keys are
 lora_jax's `lora_a` (d_in, r) and `lora_b` (r, d_out). Heads listed in `modules_to_save` are stored under
 their plain names (`base_model.model.classifier.out_proj.weight`). As lora_jax param trees mirror HF module
 names, translating is renaming; the only family knowledge needed is which kernels HF stores untransposed
-(GPT-2's Conv1D), asked of the family's optional `hf_transposed(path) -> bool` (default: all, as nn.Linear).
+(GPT-2's Conv1D: PEFT's `fan_in_fan_out`), declared by the family's spec (`FamilySpec.conv1d`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ TASK_TYPES = {
 }
 HEAD_MODULES = ("classifier", "score")  # PEFT adds these to modules_to_save for SEQ_CLS by itself
 _TO_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def _transposed(family: Any, path: str) -> bool:
-    return getattr(family, "hf_transposed", lambda p: True)(path)
 
 
 def _hf_module(path: str, params: Params, task: str) -> str:
@@ -118,7 +114,7 @@ def save_peft_adapter(
     mask = dict(leaf_paths(trainable_mask(params, lora_config)))
     heads = HEAD_MODULES if task == "sequence-classification" else ()
     extra = [p for p in leaves if not is_lora_leaf(p) and (mask[p] or p.split(".", 1)[0] in heads)]
-    fan_in_fan_out = {not _transposed(family, f"{m}.kernel") for m in adapted}
+    fan_in_fan_out = {not family.hf_transposed(m) for m in adapted}
     if len(fan_in_fan_out) > 1:
         raise LoraError(
             "PEFT needs one fan_in_fan_out for all targets; adapt Conv1D and Linear kernels apart."
@@ -126,7 +122,7 @@ def save_peft_adapter(
     for path in extra:
         module, leaf = path.rsplit(".", 1)
         value = np.asarray(leaves[path])
-        if leaf == "kernel" and _transposed(family, path):
+        if leaf == "kernel" and family.hf_transposed(path):
             value = value.T
         tensors[f"{PREFIX}{_hf_module(module, params, task)}.{_TO_HF_LEAF[leaf]}"] = value
 
@@ -189,7 +185,7 @@ def load_peft_adapter(
         rslora=peft.get("use_rslora", False),
         train_also=tuple(peft.get("modules_to_save") or ()),
         bias=peft.get("bias", "none"),
-        fused=getattr(family, "FUSED", {}),
+        fused=family.fused,
         rank_pattern=peft.get("rank_pattern") or {},
         alpha_pattern=peft.get("alpha_pattern") or {},
     )
@@ -225,7 +221,7 @@ def load_peft_adapter(
             raise LoraError(
                 f"Adapter key {key!r} matches no base param ({' / '.join(candidates)}): wrong base."
             )
-        if found.endswith(".kernel") and _transposed(family, found):
+        if found.endswith(".kernel") and family.hf_transposed(found):
             value = value.T
         if value.shape != np.shape(base[found]):
             raise LoraError(
