@@ -7,11 +7,10 @@ decoder), no 1/sqrt(d) attention scaling (T5 folds it into the init), a relu FFN
 one (v1.1 and mT5, `wi_0`/`wi_1`/`wo`). With `tie_word_embeddings` (T5 v1.0) the LM head is `shared` and the
 decoder output is scaled by d_model**-0.5 first; v1.1 and mT5 have their own unscaled `lm_head`.
 
-Task "seq2seq-lm" (an addition to the contract's task list): the module is called as
-    module.apply({"params": p}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-                 deterministic=True) -> {"logits", "last_hidden_state" (decoder), "encoder_last_hidden_state"}
-and `method="encode"` / `method="decode"` run the two halves alone; `decode` takes a KV cache (`init_cache`)
-so generation (lora_jax.models.seq2seq_generate) runs the encoder once and the decoder a token at a time.
+Task "seq2seq-lm": `module.apply({"params": p}, input_ids, attention_mask, decoder_input_ids, ...)` returns
+{"logits", "last_hidden_state" (decoder), "encoder_last_hidden_state"}; `method="encode"` / `"decode"` run the
+halves alone, `decode` with a KV cache (`init_cache`), so generation (lora_jax.models.seq2seq_generate) runs the
+encoder once and the decoder a token at a time.
 
 Param paths are HF's (`decoder.block.0.layer.1.EncDecAttention.q.kernel`), so LoRA targets name modules as PEFT
 does: its default T5 targets ["q", "v"] are every q and v projection, self- and cross-attention, both stacks.
@@ -51,12 +50,7 @@ LORA_TARGETS = {
     "o": rf"{_ATTENTIONS}\.o",
     "mlp": r"DenseReluDense\.(?:wi|wi_0|wi_1|wo)",
 }
-ARCHITECTURES = {
-    ("t5", "base"): "T5Model",
-    ("t5", "seq2seq-lm"): "T5ForConditionalGeneration",
-    ("mt5", "base"): "MT5Model",
-    ("mt5", "seq2seq-lm"): "MT5ForConditionalGeneration",
-}
+_BIAS = "relative_attention_bias"  # the first block's table of (bucket, head) biases
 Cache = list  # per decoder block: {"k", "v"} (batch, max_length, heads, d_kv), plus "cross_k"/"cross_v" once filled
 
 
@@ -86,8 +80,6 @@ class Config:
     remat: bool | str = False
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"t5.py handles model_type {MODEL_TYPES}, got {self.model_type!r}.")
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.activation not in ACTIVATIONS:
             raise ValueError(
@@ -110,10 +102,8 @@ class Config:
 
 
 def _read_config(hf: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """Tying follows transformers 5, which rewrites every saved config's `tie_word_embeddings` to True: for T5 the
-    `scale_decoder_outputs` it saves beside it (else the original flag) says whether the head is the embedding;
-    mT5 never scales, and every released mT5/mT0 has its own `lm_head`, so it is always untied.
-    """
+    """transformers 5 saves `tie_word_embeddings` True always: for T5 `scale_decoder_outputs` (else the flag) says
+    whether the head is the embedding; mT5 never scales and every released mT5/mT0 has its own `lm_head`."""
     if values["model_type"] == "mt5":
         values.setdefault("feed_forward_proj", "gated-gelu")
         values["tie_word_embeddings"] = False
@@ -182,19 +172,12 @@ class Attention(nn.Module):
         # No 1/sqrt(d_kv): T5 folds it into q's init. Scores and softmax in float32 whatever the compute dtype.
         scores = attention_scores(q, k)
         if self.has_relative_bias:
-            query_pos = cache_index + jnp.arange(x.shape[1])
-            relative = jnp.arange(k.shape[1])[None, :] - query_pos[:, None]
-            buckets = relative_position_bucket(
-                relative, not self.causal, c.relative_attention_num_buckets, c.relative_attention_max_distance
-            )
-            bias = nn.Embed(
-                c.relative_attention_num_buckets,
-                c.num_heads,
-                param_dtype=jnp.dtype(c.param_dtype),
-                embedding_init=nn.initializers.normal(c.initializer_factor * c.d_model**-0.5),
-                name="relative_attention_bias",
-            )(buckets)
-            position_bias = jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)  # (1, heads, q, k)
+            relative = jnp.arange(k.shape[1])[None, :] - (cache_index + jnp.arange(x.shape[1]))[:, None]
+            n = c.relative_attention_num_buckets
+            buckets = relative_position_bucket(relative, not self.causal, n, c.relative_attention_max_distance)
+            init = nn.initializers.normal(c.initializer_factor * c.d_model**-0.5)
+            table = nn.Embed(n, c.num_heads, param_dtype=jnp.dtype(c.param_dtype), embedding_init=init, name=_BIAS)
+            position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)  # (1, heads, q, k)
         if position_bias is not None:
             scores = scores + position_bias
         probs = masked_softmax(scores, mask, jnp.dtype(c.dtype))
@@ -228,11 +211,8 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        c = self.config
-        drop = Dropout(c.dropout_rate)
-        h = _norm(c)(x)
-        ffn = DenseReluDense(c, name="DenseReluDense")
-        return x + drop(ffn(h, deterministic), deterministic=deterministic)
+        h = DenseReluDense(self.config, name="DenseReluDense")(_norm(self.config)(x), deterministic)
+        return x + Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
 
 
 class DenseReluDense(nn.Module):
@@ -327,12 +307,9 @@ class T5(nn.Module):
 
     def setup(self) -> None:
         c = self.config
+        init = nn.initializers.normal(c.initializer_factor)
         self.shared = nn.Embed(
-            c.vocab_size,
-            c.d_model,
-            dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-            embedding_init=nn.initializers.normal(c.initializer_factor),
+            c.vocab_size, c.d_model, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), embedding_init=init
         )
         self.encoder = Stack(c, decoder=False)
         self.decoder = Stack(c, decoder=True)
@@ -410,7 +387,11 @@ SPEC = FamilySpec(
     model_types=MODEL_TYPES,
     config_class=Config,
     build=build,
-    architectures=ARCHITECTURES,
+    architectures={
+        (model_type, task): f"{name}{head}"
+        for model_type, name in (("t5", "T5"), ("mt5", "MT5"))
+        for task, head in (("base", "Model"), ("seq2seq-lm", "ForConditionalGeneration"))
+    },
     lora_targets=LORA_TARGETS,
     heads=("lm_head",),
     renames=((r"^transformer\.", ""),),
