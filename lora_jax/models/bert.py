@@ -261,16 +261,11 @@ class Model(nn.Module):
         return out
 
 
-def build(config: Config, task: str = "base") -> Model:
-    SPEC.check_task(task)
-    return Model(config, task)
-
-
 SPEC = FamilySpec(
     name="BERT/RoBERTa",
     model_types=("bert", "roberta"),
     config_class=Config,
-    build=build,
+    model=Model,
     architectures={
         (model_type, task): f"{name}{head}"
         for model_type, name in (("bert", "Bert"), ("roberta", "Roberta"))
@@ -284,3 +279,4 @@ SPEC = FamilySpec(
     read_config=_read_config,
     write_config=_write_config,
 )
+build = SPEC.build

@@ -349,11 +349,6 @@ class DebertaV2(nn.Module):
         return out
 
 
-def build(config: Config, task: str) -> nn.Module:
-    SPEC.check_task(task)
-    return DebertaV2(config, task)
-
-
 def _write_config(config: Config, task: str, hf: dict[str, Any]) -> dict[str, Any]:
     """transformers reads a null embedding_size or head size as None, not as its default: leave nulls out."""
     hf = {k: v for k, v in hf.items() if v is not None}
@@ -366,7 +361,7 @@ SPEC = FamilySpec(
     name="DeBERTa-v2",
     model_types=("deberta-v2",),
     config_class=Config,
-    build=build,
+    model=DebertaV2,
     architectures={
         ("deberta-v2", "base"): "DebertaV2Model",
         ("deberta-v2", "sequence-classification"): "DebertaV2ForSequenceClassification",
@@ -377,3 +372,4 @@ SPEC = FamilySpec(
     ignored=(r"position_ids$", r"^(?:lm_predictions|mask_predictions|cls)\."),  # buffers; pretraining heads
     write_config=_write_config,
 )
+build = SPEC.build

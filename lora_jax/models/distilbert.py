@@ -199,16 +199,11 @@ class Model(nn.Module):
         return out
 
 
-def build(config: Config, task: str = "base") -> Model:
-    SPEC.check_task(task)
-    return Model(config, task)
-
-
 SPEC = FamilySpec(
     name="DistilBERT",
     model_types=("distilbert",),
     config_class=Config,
-    build=build,
+    model=Model,
     architectures={
         ("distilbert", "base"): "DistilBertModel",
         ("distilbert", "sequence-classification"): "DistilBertForSequenceClassification",
@@ -218,3 +213,4 @@ SPEC = FamilySpec(
     heads=("pre_classifier", "classifier"),
     ignored=(r"position_ids$", r"^vocab_(?:transform|layer_norm|projector)\."),  # buffers; the MLM head
 )
+build = SPEC.build

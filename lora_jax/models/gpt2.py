@@ -268,11 +268,6 @@ class GPT2(nn.Module):
         return out
 
 
-def build(config: Config, task: str) -> GPT2:
-    SPEC.check_task(task)
-    return GPT2(config, task)
-
-
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty KV cache of fixed size, in the compute dtype."""
     return empty_cache(config.n_layer, batch_size, max_length, config.n_head, config.head_dim, config.dtype)
@@ -282,7 +277,7 @@ SPEC = FamilySpec(
     name="GPT-2",
     model_types=("gpt2",),
     config_class=Config,
-    build=build,
+    model=GPT2,
     architectures={("gpt2", task): name for task, name in ARCHITECTURES.items()},
     lora_targets=LORA_TARGETS,
     fused=FUSED,
@@ -294,3 +289,4 @@ SPEC = FamilySpec(
     read_config=_read_config,
     write_config=lambda config, task, hf: {**hf, "tie_word_embeddings": True},
 )
+build = SPEC.build

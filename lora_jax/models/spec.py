@@ -56,7 +56,7 @@ class FamilySpec:
     model_types: the HF config.json `model_type` values it handles.
     config_class: its frozen Config dataclass: HF hyper-parameters under their config.json names, plus dtype,
         param_dtype, lora_dropout and remat (and num_labels if it has a classifier).
-    build: (config, task) -> flax module.
+    model: the flax module class, built as `model(config, task)` (`build` checks the task first).
     architectures: {(model_type, task): transformers class name}; its tasks are the family's tasks.
     lora_targets: the paper's names ("q", "k", "v", "o", "mlp") -> module patterns (lora_jax.lora rules).
     fused: fused kernels and their slice names ({"c_attn": ("q", "k", "v")}).
@@ -81,7 +81,7 @@ class FamilySpec:
     name: str
     model_types: tuple[str, ...]
     config_class: type
-    build: Callable[[Any, str], nn.Module]
+    model: type[nn.Module]
     architectures: Mapping[tuple[str, str], str]
     lora_targets: Mapping[str, str]
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
@@ -102,6 +102,10 @@ class FamilySpec:
 
     def check_task(self, task: str) -> None:
         check_task(task, self.tasks, self.name)
+
+    def build(self, config: Any, task: str) -> nn.Module:
+        self.check_task(task)
+        return self.model(config, task)
 
     def prefix_of(self, config: Any) -> str | None:
         return self.prefix(config) if callable(self.prefix) else self.prefix

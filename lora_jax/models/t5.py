@@ -372,11 +372,6 @@ class T5(nn.Module):
         return self.lm_head(hidden, deterministic)
 
 
-def build(config: Config, task: str = "seq2seq-lm") -> T5:
-    SPEC.check_task(task)
-    return T5(config, task)
-
-
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty self-attention KV cache of fixed size, in the compute dtype, for `T5.decode`."""
     return empty_cache(config.decoder_layers, batch_size, max_length, config.num_heads, config.d_kv, config.dtype)
@@ -386,7 +381,7 @@ SPEC = FamilySpec(
     name="T5",
     model_types=MODEL_TYPES,
     config_class=Config,
-    build=build,
+    model=T5,
     architectures={
         (model_type, task): f"{name}{head}"
         for model_type, name in (("t5", "T5"), ("mt5", "MT5"))
@@ -405,3 +400,4 @@ SPEC = FamilySpec(
     write_config=_write_config,
     init_inputs=3,
 )
+build = SPEC.build
