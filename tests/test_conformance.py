@@ -212,7 +212,7 @@ def test_peft_adapter_both_ways(fam, tmp_path):
     lora_config = hub.lora_config(fam.model_type, targets, r=4, alpha=8, train_also=(fam.tiny.train_also,))
     trained = _train_also(perturb_lora_b(lora_wrap(fam.params, lora_config, jax.random.key(0))), fam.tiny.train_also)
     ours = fam.ours(trained)
-    assert np.abs(ours - fam.ours(fam.params)).max() > 1e-2  # the adapter does something
+    assert np.abs(ours - fam.ours(fam.params)).max() > 10 * TOL  # the adapter does far more than the tolerance
 
     save_peft_adapter(tmp_path / "ours", trained, lora_config, fam.model_type, fam.task)
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
