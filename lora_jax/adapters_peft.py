@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,13 @@ def _our_module(name: str, params: Params) -> str:
     if name.split(".", 1)[0] in params or len(params) != 1:
         return name
     return f"{next(iter(params))}.{name}"
+
+
+def _saved_by_peft(path: str, modules_to_save: Sequence[str]) -> bool:
+    """PEFT wraps (and loads from the adapter) every module whose name ends with a modules_to_save entry, as a
+    plain string: "classifier" also takes DistilBERT's `pre_classifier`. Such a module's leaves are exported."""
+    parts = path.split(".")[:-1]
+    return any(".".join(parts[:i]).endswith(m) for m in modules_to_save for i in range(1, len(parts) + 1))
 
 
 def _shortest_targets(adapted: list[str], universe: list[str]) -> list[str]:
@@ -113,7 +120,8 @@ def save_peft_adapter(
     # Non-LoRA leaves that train: a classification head (always, it is new), train_also modules, biases.
     mask = dict(leaf_paths(trainable_mask(params, lora_config)))
     heads = HEAD_MODULES if task == "sequence-classification" else ()
-    extra = [p for p in leaves if not is_lora_leaf(p) and (mask[p] or p.split(".", 1)[0] in heads)]
+    modules_to_save = list(dict.fromkeys([*heads, *lora_config.train_also])) or None
+    extra = [p for p in leaves if not is_lora_leaf(p) and (mask[p] or _saved_by_peft(p, modules_to_save or ()))]
     fan_in_fan_out = {not family.hf_transposed(m) for m in adapted}
     if len(fan_in_fan_out) > 1:
         raise LoraError(
@@ -128,7 +136,6 @@ def save_peft_adapter(
 
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     universe = [_hf_module(m, params, task) for m in available_kernels(params)]
-    modules_to_save = list(dict.fromkeys([*heads, *lora_config.train_also])) or None
     config = {
         "peft_type": "LORA",
         "task_type": TASK_TYPES[task],
