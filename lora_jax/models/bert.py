@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
-from lora_jax.models.spec import FamilySpec
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
 LORA_TARGETS = {
     "q": r"attention\.self\.query",
@@ -32,7 +32,7 @@ LORA_TARGETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     model_type: str = "bert"
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -49,10 +49,6 @@ class Config:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     num_labels: int = 2
-    dtype: Any = jnp.float32  # compute
-    param_dtype: Any = jnp.float32
-    lora_dropout: float = 0.0
-    remat: bool | str = False  # recompute each layer's activations in the backward pass: memory for ~30% time
 
     @property
     def prefix(self) -> str:

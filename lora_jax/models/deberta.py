@@ -30,7 +30,7 @@ from lora_jax.models.common import (
     maybe_remat,
 )
 from lora_jax.models.relative_positions import relative_positions
-from lora_jax.models.spec import FamilySpec
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
 LORA_TARGETS = {
     "q": "attention.self.query_proj",
@@ -42,7 +42,7 @@ LORA_TARGETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     vocab_size: int = 128100
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -73,10 +73,6 @@ class Config:
     pooler_dropout: float = 0.0
     cls_dropout: float | None = None  # None: hidden_dropout_prob
     num_labels: int = 2
-    dtype: Any = "float32"  # compute dtype
-    param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
-    remat: bool | str = False
 
     def __post_init__(self) -> None:
         pos_att_type = self.pos_att_type

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
-from lora_jax.models.spec import FamilySpec
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
 LORA_TARGETS = {
     "q": r"attention\.q_lin",
@@ -42,7 +41,7 @@ LAYER_NORM_EPS = 1e-12  # fixed in transformers' DistilBERT, not a config field
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     """transformers' DistilBertConfig field names (dim, n_layers, hidden_dim, ...), defaults included."""
 
     vocab_size: int = 30522
@@ -59,10 +58,6 @@ class Config:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     num_labels: int = 2
-    dtype: Any = jnp.float32  # compute
-    param_dtype: Any = jnp.float32
-    lora_dropout: float = 0.0
-    remat: bool | str = False  # recompute each layer's activations in the backward pass: memory for ~30% time
 
     @property
     def model_type(self) -> str:

@@ -36,7 +36,7 @@ from lora_jax.models.common import (
     maybe_remat,
     write_cache,
 )
-from lora_jax.models.spec import FamilySpec
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
 LORA_TARGETS = {
     "q": "attn.c_attn.q",
@@ -55,7 +55,7 @@ Cache = list  # one {"k", "v"} dict of (batch, max_length, heads, head_dim) arra
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -75,10 +75,6 @@ class Config:
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None
     num_labels: int = 2
-    dtype: Any = "float32"  # compute dtype
-    param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
-    remat: bool | str = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

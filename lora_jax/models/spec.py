@@ -32,7 +32,6 @@ from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
 
-NOT_HF = ("dtype", "param_dtype", "lora_dropout", "remat")  # Config fields of ours, not of config.json
 LM_TASKS = ("causal-lm", "seq2seq-lm")  # tasks whose head may be a tied copy of the token embedding
 _TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -42,6 +41,19 @@ class CheckpointError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The fields every family's Config has beside config.json's hyper-parameters (its fields come after these)."""
+
+    dtype: Any = jnp.float32  # compute
+    param_dtype: Any = jnp.float32
+    lora_dropout: float = 0.0
+    remat: bool | str = False  # recompute each layer in the backward pass (True, "dots"): memory for time
+
+
+NOT_HF = tuple(f.name for f in dataclasses.fields(ModelConfig))  # Config fields of ours, not of config.json
 
 
 def _initializer_range(config: Any) -> float:
@@ -54,8 +66,8 @@ class FamilySpec:
 
     name: how errors name the family ("GPT-2").
     model_types: the HF config.json `model_type` values it handles.
-    config_class: its frozen Config dataclass: HF hyper-parameters under their config.json names, plus dtype,
-        param_dtype, lora_dropout and remat (and num_labels if it has a classifier).
+    config_class: its frozen Config dataclass, a ModelConfig (dtype, param_dtype, lora_dropout, remat) with the
+        HF hyper-parameters under their config.json names (and num_labels if it has a classifier).
     model: the flax module class, built as `model(config, task)` (`build` checks the task first).
     architectures: {(model_type, task): transformers class name}; its tasks are the family's tasks.
     lora_targets: the paper's names ("q", "k", "v", "o", "mlp") -> module patterns (lora_jax.lora rules).

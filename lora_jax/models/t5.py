@@ -39,7 +39,7 @@ from lora_jax.models.common import (
     write_cache,
 )
 from lora_jax.models.relative_positions import relative_position_bucket
-from lora_jax.models.spec import FamilySpec
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
 MODEL_TYPES = ("t5", "mt5")
 _ATTENTIONS = r"(?:SelfAttention|EncDecAttention)"
@@ -55,7 +55,7 @@ Cache = list  # per decoder block: {"k", "v"} (batch, max_length, heads, d_kv), 
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     model_type: str = "t5"
     vocab_size: int = 32128
     d_model: int = 512
@@ -74,10 +74,6 @@ class Config:
     pad_token_id: int = 0
     eos_token_id: int | None = 1
     decoder_start_token_id: int = 0
-    dtype: Any = "float32"  # compute
-    param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
-    remat: bool | str = False
 
     def __post_init__(self) -> None:
         parts = self.feed_forward_proj.split("-")
