@@ -3,13 +3,15 @@
 A model family is one file, `lora_jax/models/<family>.py`, plus one line per model_type in `hub.FAMILIES`. The
 file defines its architecture and declares the rest in `SPEC`:
 
-    Config                          frozen dataclass: the HF hyper-parameters it needs, under config.json's names,
-                                    plus dtype (compute), param_dtype, lora_dropout, remat (and num_labels if it
-                                    has a classifier)
-    build(config, task) -> flax.linen.Module
-    SPEC = FamilySpec(...)          lora_jax.models.spec: model types, transformers class per task, LoRA target
+    Config(spec.ModelConfig)        frozen dataclass: the HF hyper-parameters it needs, under config.json's names
+                                    (and num_labels if it has a classifier); ModelConfig adds dtype (compute),
+                                    param_dtype, lora_dropout, remat
+    a flax module class             built as Model(config, task)
+    SPEC = FamilySpec(...)          lora_jax.models.spec: the module class, model types, transformers class per
+                                    task, LoRA target
                                     names, fused slices, backbone prefix, head modules, Conv1D kernels, key renames,
                                     ignored keys (buffers, pretraining heads), tied weights
+    build = SPEC.build              (config, task) -> module, the task checked
 
 Conversion is shared and driven by the spec: `spec.config_from_hf`, `config_to_hf`, `params_from_hf`,
 `params_to_hf`; `tests/test_conformance.py` checks every registered family against transformers.
