@@ -8,9 +8,8 @@ file defines its architecture and declares the rest in `SPEC`:
                                     param_dtype, lora_dropout, remat
     a flax module class             built as Model(config, task)
     SPEC = FamilySpec(...)          lora_jax.models.spec: the module class, model types, transformers class per
-                                    task, LoRA target
-                                    names, fused slices, backbone prefix, head modules, Conv1D kernels, key renames,
-                                    ignored keys (buffers, pretraining heads), tied weights
+                                    task, LoRA target names, fused slices, backbone prefix, head modules, Conv1D
+                                    kernels, key renames, ignored keys (buffers, pretraining heads), tied weights
     build = SPEC.build              (config, task) -> module, the task checked
 
 Conversion is shared and driven by the spec: `spec.config_from_hf`, `config_to_hf`, `params_from_hf`,
