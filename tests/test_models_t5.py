@@ -286,7 +286,7 @@ def test_dropout_and_remat(checkpoints):
 
     # remat: the backward pass recomputes each block (a checkpoint per block in the jaxpr, beside those of single
     # ops: masked_softmax, the activations), same function.
-    remat = t5.build(dataclasses.replace(config, remat=True))
+    remat = t5.build(dataclasses.replace(config, remat=True), "seq2seq-lm")
     loss = lambda m: lambda p: m.apply({"params": p}, *batch)["logits"].sum()  # noqa: E731
     jaxpr = lambda m: str(jax.make_jaxpr(jax.grad(loss(m)))(params))  # noqa: E731
     checkpoints_in = lambda m: len(re.findall(r"\b(?:remat\d*|checkpoint)\b", jaxpr(m)))  # noqa: E731
