@@ -19,7 +19,7 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta  # 
 
 from lora_jax import lora, tree  # noqa: E402
 from lora_jax.models import deberta  # noqa: E402
-from lora_jax.models.spec import config_from_hf, config_to_hf, params_from_hf, params_to_hf
+from lora_jax.models.spec import config_from_hf, config_to_hf, params_from_hf, params_to_hf  # noqa: E402
 
 TOL = 1e-4  # fp32 on CPU
 CLS = "sequence-classification"
