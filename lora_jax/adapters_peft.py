@@ -5,7 +5,7 @@ PEFT writes `adapter_config.json` and `adapter_model.safetensors` whose keys are
 lora_jax's `lora_a` (d_in, r) and `lora_b` (r, d_out). Heads listed in `modules_to_save` are stored under
 their plain names (`base_model.model.classifier.out_proj.weight`). As lora_jax param trees mirror HF module
 names, translating is renaming; the only family knowledge needed is which kernels HF stores untransposed
-(GPT-2's Conv1D), asked of the family's optional `hf_transposed(path) -> bool` (default: all, as nn.Linear).
+(GPT-2's Conv1D: PEFT's `fan_in_fan_out`), declared by the family's spec (`FamilySpec.conv1d`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,6 @@ HEAD_MODULES = ("classifier", "score")  # PEFT adds these to modules_to_save for
 _TO_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
-def _transposed(family: Any, path: str) -> bool:
-    return getattr(family, "hf_transposed", lambda p: True)(path)
-
-
 def _hf_module(path: str, params: Params, task: str) -> str:
     """Our module path -> the torch module name PEFT uses (a base model's names carry no prefix)."""
     head, _, rest = path.partition(".")
@@ -62,6 +58,13 @@ def _our_module(name: str, params: Params) -> str:
     if name.split(".", 1)[0] in params or len(params) != 1:
         return name
     return f"{next(iter(params))}.{name}"
+
+
+def _saved_by_peft(path: str, modules_to_save: Sequence[str]) -> bool:
+    """PEFT wraps (and loads from the adapter) every module whose name ends with a modules_to_save entry, as a
+    plain string: "classifier" also takes DistilBERT's `pre_classifier`. Such a module's leaves are exported."""
+    parts = path.split(".")[:-1]
+    return any(".".join(parts[:i]).endswith(m) for m in modules_to_save for i in range(1, len(parts) + 1))
 
 
 def _shortest_targets(adapted: list[str], universe: list[str]) -> list[str]:
@@ -117,8 +120,9 @@ def save_peft_adapter(
     # Non-LoRA leaves that train: a classification head (always, it is new), train_also modules, biases.
     mask = dict(leaf_paths(trainable_mask(params, lora_config)))
     heads = HEAD_MODULES if task == "sequence-classification" else ()
-    extra = [p for p in leaves if not is_lora_leaf(p) and (mask[p] or p.split(".", 1)[0] in heads)]
-    fan_in_fan_out = {not _transposed(family, f"{m}.kernel") for m in adapted}
+    modules_to_save = list(dict.fromkeys([*heads, *lora_config.train_also])) or None
+    extra = [p for p in leaves if not is_lora_leaf(p) and (mask[p] or _saved_by_peft(p, modules_to_save or ()))]
+    fan_in_fan_out = {not family.hf_transposed(m) for m in adapted}
     if len(fan_in_fan_out) > 1:
         raise LoraError(
             "PEFT needs one fan_in_fan_out for all targets; adapt Conv1D and Linear kernels apart."
@@ -126,13 +130,12 @@ def save_peft_adapter(
     for path in extra:
         module, leaf = path.rsplit(".", 1)
         value = np.asarray(leaves[path])
-        if leaf == "kernel" and _transposed(family, path):
+        if leaf == "kernel" and family.hf_transposed(path):
             value = value.T
         tensors[f"{PREFIX}{_hf_module(module, params, task)}.{_TO_HF_LEAF[leaf]}"] = value
 
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     universe = [_hf_module(m, params, task) for m in available_kernels(params)]
-    modules_to_save = list(dict.fromkeys([*heads, *lora_config.train_also])) or None
     config = {
         "peft_type": "LORA",
         "task_type": TASK_TYPES[task],
@@ -189,7 +192,7 @@ def load_peft_adapter(
         rslora=peft.get("use_rslora", False),
         train_also=tuple(peft.get("modules_to_save") or ()),
         bias=peft.get("bias", "none"),
-        fused=getattr(family, "FUSED", {}),
+        fused=family.fused,
         rank_pattern=peft.get("rank_pattern") or {},
         alpha_pattern=peft.get("alpha_pattern") or {},
     )
@@ -225,7 +228,7 @@ def load_peft_adapter(
             raise LoraError(
                 f"Adapter key {key!r} matches no base param ({' / '.join(candidates)}): wrong base."
             )
-        if found.endswith(".kernel") and _transposed(family, found):
+        if found.endswith(".kernel") and family.hf_transposed(found):
             value = value.T
         if value.shape != np.shape(base[found]):
             raise LoraError(

@@ -92,6 +92,7 @@ def make_demo_runs(root: Path, ranks: tuple[int, int] = (4, 16), steps: int = 20
     from lora_jax.adapters import save_adapter
     from lora_jax.lora import lora_wrap, partition, trainable_mask, unpartition
     from lora_jax.models import bert, hub
+    from lora_jax.models.spec import param_shapes
     from lora_jax.train import make_steps
 
     config = bert.Config(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -107,8 +108,8 @@ def make_demo_runs(root: Path, ranks: tuple[int, int] = (4, 16), steps: int = 20
             return rng.normal(0.0, config.initializer_range, shape).astype(np.float32)
         return (np.ones if name == "scale" else np.zeros)(shape, np.float32)
 
-    shapes = bert.param_shapes(config, "base")
-    init = unflatten_dict({tuple(path.split(".")): draw(path, shape) for path, (shape, _) in shapes.items()})
+    shapes = param_shapes(config, "base")
+    init = unflatten_dict({tuple(path.split(".")): draw(path, leaf.shape) for path, leaf in shapes.items()})
     base_dir = hub.to_pretrained(config, init, root / "tiny_bert", task="base")
     module, params, _, _ = hub.from_pretrained(base_dir, task="sequence-classification", num_labels=2)
 

@@ -71,7 +71,10 @@ def test_new_head_is_reported_in_one_line(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lora_jax.models.hub"):
         _, params, _, config = hub.from_pretrained(tmp_path, task="sequence-classification", num_labels=5)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["newly initialised: classifier.dense, classifier.out_proj"]
+    assert lines == [
+        "newly initialised: "
+        + ", ".join(f"classifier.{m}.{leaf}" for m in ("dense", "out_proj") for leaf in ("bias", "kernel"))
+    ]
     head = params["classifier"]
     assert head["out_proj"]["kernel"].shape == (32, 5) and not head["out_proj"]["bias"].any()
     assert abs(float(head["dense"]["kernel"].std()) - config.initializer_range) < 0.005  # HF's N(0, 0.02)
@@ -130,9 +133,7 @@ def test_shape_mismatch_is_named(tmp_path):
     make_hf("bert", "base", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
-    with pytest.raises(
-        ValueError, match=r"'bert\.encoder\.layer\.0\.intermediate\.dense\.\w+' has shape \(64"
-    ):
+    with pytest.raises(ValueError, match=r"'bert\.encoder\.layer\.0\.intermediate\.dense\.\w+' has shape \(64"):
         hub.from_pretrained(tmp_path)
 
 

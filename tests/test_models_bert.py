@@ -9,6 +9,7 @@ import pytest
 
 from lora_jax.lora import lora_wrap
 from lora_jax.models import bert, hub
+from lora_jax.tree import leaf_paths
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -130,7 +131,7 @@ def init(config, task="sequence-classification"):
 
 def test_param_tree_mirrors_hf_names():
     _, params, _ = init(tiny_config())
-    paths = {p for p, _ in bert.leaf_paths(params)}
+    paths = {p for p, _ in leaf_paths(params)}
     for expected in [
         "roberta.embeddings.word_embeddings.embedding",
         "roberta.embeddings.LayerNorm.scale",
@@ -151,7 +152,7 @@ def test_lora_targets_pick_the_right_kernels(name, count):
     shapes = jax.eval_shape(lambda: init(tiny_config())[1])  # the tree's structure is all this needs
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     wrapped = lora_wrap(params, hub.lora_config("roberta", [name]), jax.random.key(1))
-    adapted = sorted(p.rsplit(".", 1)[0] for p, _ in bert.leaf_paths(wrapped) if p.endswith("lora_a"))
+    adapted = sorted(p.rsplit(".", 1)[0] for p, _ in leaf_paths(wrapped) if p.endswith("lora_a"))
     assert len(adapted) == count * TINY["num_hidden_layers"], adapted
     if name == "o":
         assert all(p.endswith("attention.output.dense") for p in adapted)

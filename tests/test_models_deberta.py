@@ -19,6 +19,7 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta  # 
 
 from lora_jax import lora, tree  # noqa: E402
 from lora_jax.models import deberta  # noqa: E402
+from lora_jax.models.spec import config_from_hf, config_to_hf, params_from_hf, params_to_hf  # noqa: E402
 
 TOL = 1e-4  # fp32 on CPU
 CLS = "sequence-classification"
@@ -103,8 +104,8 @@ def _batch(type_vocab_size: int):
 
 def _load(folder, task: str, **overrides):
     hf = json.loads((folder / "config.json").read_text())
-    config = dataclasses.replace(deberta.config_from_hf(hf, task), **overrides)
-    params, new = deberta.params_from_hf(load_file(folder / "model.safetensors"), config, task)
+    config = dataclasses.replace(config_from_hf(hf, task), **overrides)
+    params, new = params_from_hf(load_file(folder / "model.safetensors"), config, task)
     return config, params, new
 
 
@@ -180,15 +181,15 @@ def test_base_checkpoint_and_fresh_head(saved):
 def test_checkpoint_keys_extra_and_missing(saved):
     _, folder = saved("v3")
     hf = json.loads((folder / "config.json").read_text())
-    config = deberta.config_from_hf(hf, CLS)
+    config = config_from_hf(hf, CLS)
     state = load_file(folder / "model.safetensors")
     # Pretrained DeBERTa-v3 files are MLM checkpoints: their head and buffers are not ours to load.
     extra = {"lm_predictions.lm_head.bias": np.zeros(100), "deberta.embeddings.position_ids": np.arange(64)}
-    params, new = deberta.params_from_hf({**state, **extra}, config, CLS)
+    params, new = params_from_hf({**state, **extra}, config, CLS)
     assert new == [] and "lm_predictions" not in params
     del state["deberta.encoder.rel_embeddings.weight"]
     with pytest.raises(KeyError, match="rel_embeddings"):
-        deberta.params_from_hf(state, config, CLS)
+        params_from_hf(state, config, CLS)
     with pytest.raises(ValueError, match="causal-lm"):
         deberta.build(config, "causal-lm")
 
@@ -197,7 +198,7 @@ def test_checkpoint_keys_extra_and_missing(saved):
 def test_params_to_hf_loads_into_fresh_torch_model(saved, variant):
     model, folder = saved(variant)
     config, params, _ = _load(folder, CLS)
-    state = {k: torch.tensor(v) for k, v in deberta.params_to_hf(params, config, CLS).items()}
+    state = {k: torch.tensor(v) for k, v in params_to_hf(params, config, CLS).items()}
     fresh = transformers.DebertaV2ForSequenceClassification(_hf_config(variant, num_labels=3)).eval()
     fresh.load_state_dict(state, strict=True)
     ids, mask, types = _batch(model.config.type_vocab_size)
@@ -205,19 +206,19 @@ def test_params_to_hf_loads_into_fresh_torch_model(saved, variant):
 
     # The base task writes DebertaV2Model's keys (no `deberta.` prefix).
     backbone = {"deberta": params["deberta"]}
-    base_state = {k: torch.tensor(v) for k, v in deberta.params_to_hf(backbone, config, "base").items()}
+    base_state = {k: torch.tensor(v) for k, v in params_to_hf(backbone, config, "base").items()}
     transformers.DebertaV2Model(_hf_config(variant)).load_state_dict(base_state, strict=True)
 
     with pytest.raises(ValueError, match="merge"):
         wrapped = lora.lora_wrap(params, lora.LoraConfig(targets=("query_proj",)), jax.random.key(0))
-        deberta.params_to_hf(wrapped, config, CLS)
+        params_to_hf(wrapped, config, CLS)
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2"])
 def test_config_round_trips_through_transformers(variant):
-    config = deberta.config_from_hf(_hf_config(variant, num_labels=3).to_dict(), CLS)
-    hf = transformers.DebertaV2Config.from_dict(deberta.config_to_hf(config, CLS))
-    assert deberta.config_from_hf(hf.to_dict(), CLS) == config
+    config = config_from_hf(_hf_config(variant, num_labels=3).to_dict(), CLS)
+    hf = transformers.DebertaV2Config.from_dict(config_to_hf(config, CLS))
+    assert config_from_hf(hf.to_dict(), CLS) == config
     assert hf.num_labels == 3 and hf.pos_att_type == ["p2c", "c2p"]
 
 

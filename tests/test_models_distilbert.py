@@ -9,6 +9,7 @@ import pytest
 
 from lora_jax.lora import count_params, lora_wrap, merge
 from lora_jax.models import distilbert, hub
+from lora_jax.models.spec import config_from_hf, params_from_hf, params_to_hf
 from lora_jax.tree import leaf_paths
 
 torch = pytest.importorskip("torch")
@@ -107,16 +108,16 @@ def test_sinusoidal_init_matches_transformers():
 def test_params_to_hf_round_trip(tmp_path):
     hf = make_hf("sequence-classification", tmp_path)
     module, params, _, config = hub.from_pretrained(tmp_path, task="sequence-classification")
-    state = distilbert.params_to_hf(params, config, "sequence-classification")
+    state = params_to_hf(params, config, "sequence-classification")
     theirs = {k: v.numpy() for k, v in hf.state_dict().items()}
     assert set(state) == set(theirs)
     for key, value in state.items():
         np.testing.assert_array_equal(value, theirs[key], err_msg=key)
-    back, new = distilbert.params_from_hf(state, config, "sequence-classification")
+    back, new = params_from_hf(state, config, "sequence-classification")
     assert new == []
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), params, back))
 
-    base = distilbert.params_to_hf({"distilbert": params["distilbert"]}, config, "base")
+    base = params_to_hf({"distilbert": params["distilbert"]}, config, "base")
     assert set(base) == set(transformers.DistilBertModel(hf.config).state_dict())  # no prefix, as HF saves
 
 
@@ -146,8 +147,8 @@ def test_mlm_and_base_checkpoints_load_with_fresh_head(tmp_path):
     word = params["distilbert"]["embeddings"]["word_embeddings"]["embedding"]
     np.testing.assert_array_equal(word, mlm.distilbert.embeddings.word_embeddings.weight.detach().numpy())
     state = {k: v.numpy() for k, v in mlm.state_dict().items()}
-    _, new = distilbert.params_from_hf(state, config, "sequence-classification")
-    assert sorted(new) == ["classifier", "pre_classifier"]
+    _, new = params_from_hf(state, config, "sequence-classification")
+    assert sorted(new) == [f"{m}.{leaf}" for m in ("classifier", "pre_classifier") for leaf in ("bias", "kernel")]
     assert params["classifier"]["kernel"].shape == (TINY["dim"], 2)
     assert float(jnp.abs(params["classifier"]["bias"]).max()) == 0.0
 
@@ -158,7 +159,7 @@ def test_mlm_and_base_checkpoints_load_with_fresh_head(tmp_path):
 
     del state["distilbert.transformer.layer.0.ffn.lin1.weight"]
     with pytest.raises(KeyError, match="ffn.lin1.weight"):
-        distilbert.params_from_hf(state, config, "sequence-classification")
+        params_from_hf(state, config, "sequence-classification")
 
 
 def tiny_shapes(task="sequence-classification", **kw):
@@ -225,9 +226,9 @@ def test_bad_configs_fail_with_one_clear_line():
     with pytest.raises(ValueError, match="must divide dim"):
         distilbert.Config(dim=30, n_heads=4)
     with pytest.raises(ValueError, match="activation='mish' is not supported"):
-        distilbert.config_from_hf({"model_type": "distilbert", "activation": "mish"}, "base")
+        config_from_hf({"model_type": "distilbert", "activation": "mish"}, "base")
     with pytest.raises(ValueError, match="handles model_type"):
-        distilbert.config_from_hf({"model_type": "bert"}, "base")
+        config_from_hf({"model_type": "bert"}, "base", family=distilbert.SPEC)
     with pytest.raises(ValueError, match="supports tasks"):
         distilbert.build(distilbert.Config(), "causal-lm")
 
@@ -242,7 +243,7 @@ def base_uncased_config() -> distilbert.Config:
     hf = transformers.DistilBertConfig(num_labels=2)
     expected = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512)
     assert {k: getattr(hf, k) for k in expected} == expected
-    return distilbert.config_from_hf(hf.to_dict(), "sequence-classification")
+    return config_from_hf(hf.to_dict(), "sequence-classification")
 
 
 def seed_example_lora():
@@ -264,7 +265,7 @@ def test_seed_example_count():
     # Derived piece by piece: LoRA adds r * (d_in + d_out) per adapted kernel; the head trains in full.
     d, r, layers = config.dim, 8, config.n_layers
     lora_size = layers * 2 * r * (d + d)
-    head = sum(np.prod(s.shape) for p, s in leaf_paths(shapes) if p.split(".")[0] in distilbert.HEADS)
+    head = sum(np.prod(s.shape) for p, s in leaf_paths(shapes) if p.split(".")[0] in distilbert.SPEC.heads)
     assert head == (d * d + d) + (d * 2 + 2) == 590_592 + 1_538 == 592_130
     assert count.trainable == lora_size + head
     assert count.total == sum(np.prod(s.shape) for _, s in leaf_paths(shapes)) + lora_size

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from lora_jax.lora import LoraConfig, lora_wrap, merge
 from lora_jax.models import gpt2, hub
+from lora_jax.models.spec import config_from_hf, config_to_hf, params_from_hf, params_to_hf
 from lora_jax.tree import leaf_paths
 from tests.test_lora import perturb_lora_b
 
@@ -69,8 +70,8 @@ def _torch(model, ids, mask):
 
 
 def _load(folder, task):
-    config = gpt2.config_from_hf(json.loads((folder / "config.json").read_text()), task)
-    params, new = gpt2.params_from_hf(load_file(folder / "model.safetensors"), config, task)
+    config = config_from_hf(json.loads((folder / "config.json").read_text()), task)
+    params, new = params_from_hf(load_file(folder / "model.safetensors"), config, task)
     return gpt2.build(config, task), params, config, new
 
 
@@ -152,7 +153,7 @@ def test_base_checkpoint_gets_a_fresh_score_head(checkpoints):
 def test_params_to_hf_loads_into_a_fresh_torch_model_with_identical_outputs(checkpoints, task):
     folder, model = checkpoints[task]
     _, params, config, _ = _load(folder, task)
-    state = gpt2.params_to_hf(params, config, task)
+    state = params_to_hf(params, config, task)
     torch.manual_seed(123)
     fresh = HF_CLASSES[task](transformers.GPT2Config(**TINY, num_labels=3)).eval()
     assert set(state) == set(fresh.state_dict())
@@ -164,10 +165,10 @@ def test_params_to_hf_loads_into_a_fresh_torch_model_with_identical_outputs(chec
 
 def test_config_round_trips_through_transformers():
     config = gpt2.Config(**{k: v for k, v in TINY.items()}, num_labels=5, n_inner=48)
-    for task in gpt2.TASKS:
-        hf = transformers.GPT2Config.from_dict(gpt2.config_to_hf(config, task))
+    for task in gpt2.SPEC.tasks:
+        hf = transformers.GPT2Config.from_dict(config_to_hf(config, task))
         assert hf.num_labels == 5 and hf.n_inner == 48 and hf.architectures == [gpt2.ARCHITECTURES[task]]
-        assert gpt2.config_from_hf(hf.to_dict(), task) == config
+        assert config_from_hf(hf.to_dict(), task) == config
 
 
 def test_hub_from_pretrained_and_to_pretrained(checkpoints, tmp_path):
@@ -329,15 +330,15 @@ def test_bad_input_is_refused_with_a_fix():
         gpt2.generate(gpt2.build(config, "base"), {}, jnp.zeros((1, 4), jnp.int32))
     params = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": 0, "lora_a_q": 0}}}}}}
     with pytest.raises(ValueError, match="merge"):
-        gpt2.params_to_hf(params, config, "causal-lm")
-    state = gpt2.params_to_hf(_init(config), config, "base")
+        params_to_hf(params, config, "causal-lm")
+    state = params_to_hf(_init(config), config, "base")
     del state["h.1.ln_1.weight"]
-    with pytest.raises(ValueError, match="has no 'h.1.ln_1.weight'"):
-        gpt2.params_from_hf(state, config, "base")
+    with pytest.raises(ValueError, match="has no 'transformer.h.1.ln_1.weight'"):
+        params_from_hf(state, config, "base")
     state["h.1.crossattention.c_attn.weight"] = np.zeros((32, 64), np.float32)
     state["h.1.ln_1.weight"] = np.ones(32, np.float32)
     with pytest.raises(ValueError, match="crossattention"):
-        gpt2.params_from_hf(state, config, "base")
+        params_from_hf(state, config, "base")
 
 
 def _init(config):

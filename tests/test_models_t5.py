@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from lora_jax.lora import count_params, lora_wrap, merge
 from lora_jax.models import hub, seq2seq_generate, t5
+from lora_jax.models.spec import config_from_hf, param_shapes, params_from_hf, params_to_hf
 from lora_jax.tree import leaf_paths
 from tests.test_hub import perturb_lora_b
 
@@ -71,8 +72,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _load(folder, task="seq2seq-lm"):
-    config = t5.config_from_hf(json.loads((folder / "config.json").read_text()), task)
-    params, new = t5.params_from_hf(load_file(folder / "model.safetensors"), config, task)
+    config = config_from_hf(json.loads((folder / "config.json").read_text()), task)
+    params, new = params_from_hf(load_file(folder / "model.safetensors"), config, task)
     return t5.build(config, task), params, config, new
 
 
@@ -153,7 +154,7 @@ def test_decoding_with_the_kv_cache_matches_the_full_decoder(checkpoints):
 def test_params_to_hf_loads_into_a_fresh_torch_model(checkpoints, variant):
     folder, model = checkpoints[variant]
     _, params, config, _ = _load(folder)
-    state = t5.params_to_hf(params, config, "seq2seq-lm")
+    state = params_to_hf(params, config, "seq2seq-lm")
     config_cls, model_cls, kw = VARIANTS[variant]
     torch.manual_seed(123)
     fresh = model_cls(config_cls(**TINY, **kw)).eval()
@@ -285,7 +286,7 @@ def test_dropout_and_remat(checkpoints):
 
     # remat: the backward pass recomputes each block (a checkpoint per block in the jaxpr, beside those of single
     # ops: masked_softmax, the activations), same function.
-    remat = t5.build(dataclasses.replace(config, remat=True))
+    remat = t5.build(dataclasses.replace(config, remat=True), "seq2seq-lm")
     loss = lambda m: lambda p: m.apply({"params": p}, *batch)["logits"].sum()  # noqa: E731
     jaxpr = lambda m: str(jax.make_jaxpr(jax.grad(loss(m)))(params))  # noqa: E731
     checkpoints_in = lambda m: len(re.findall(r"\b(?:remat\d*|checkpoint)\b", jaxpr(m)))  # noqa: E731
@@ -296,9 +297,9 @@ def test_bad_inputs_say_how_to_fix_them():
     with pytest.raises(ValueError, match="feed_forward_proj"):
         t5.Config(feed_forward_proj="gated-swishy")
     with pytest.raises(ValueError, match="task"):
-        t5.config_from_hf({"model_type": "t5"}, "causal-lm")
+        config_from_hf({"model_type": "t5"}, "causal-lm")
     with pytest.raises(ValueError, match="not T5"):
-        t5.config_from_hf({"model_type": "bert"}, "seq2seq-lm")
+        config_from_hf({"model_type": "bert"}, "seq2seq-lm", family=t5.SPEC)
 
 
 # mT0-large = mT5-large (bigscience/mt0-large's config.json), built here, never downloaded.
@@ -322,8 +323,8 @@ def _zero_stride(shapes):
 
 def test_mt0_large_lora_count_without_allocating_it():
     hf_config = transformers.MT5Config(**MT5_LARGE).to_dict()
-    config = t5.config_from_hf(hf_config, "seq2seq-lm")
-    shapes = t5.param_shapes(config, "seq2seq-lm")
+    config = config_from_hf(hf_config, "seq2seq-lm")
+    shapes = param_shapes(config, "seq2seq-lm")
     # Every tensor of transformers' own model (built on the meta device: no memory) has our shape.
     with torch.device("meta"):
         reference = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**MT5_LARGE))

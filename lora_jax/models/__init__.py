@@ -1,26 +1,28 @@
 """Flax models that load Hugging Face checkpoints, built from `lora_jax.layers.Dense`.
 
-How a model family plugs in (one file, `lora_jax/models/<family>.py`, plus its line in `hub.FAMILIES`):
+A model family is one file, `lora_jax/models/<family>.py`, plus one line per model_type in `hub.FAMILIES`. The
+file defines its architecture and declares the rest in `SPEC`:
 
-    MODEL_TYPES: tuple[str, ...]            HF `config.json` model_type values the file handles
-    LORA_TARGETS: dict[str, str]            the paper's names -> module patterns (lora_jax.lora rules):
-                                            "q", "k", "v", "o" (attention output), "mlp" (both FFN kernels)
-    FUSED: dict[str, tuple[str, ...]]       fused kernels and their slice names (GPT-2: {"c_attn": ("q","k","v")})
-    Config                                  frozen dataclass; always has dtype (compute), param_dtype,
-                                            lora_dropout, remat, and the HF hyper-parameters it needs
-    config_from_hf(hf: dict, task: str, num_labels: int | None) -> Config
-    config_to_hf(config: Config, task: str) -> dict                  a config.json transformers can load
-    build(config: Config, task: str) -> flax.linen.Module
-    params_from_hf(state: dict[str, np.ndarray], config, task, seed=0) -> (params, newly_initialised: list[str])
-    params_to_hf(params, config, task) -> dict[str, np.ndarray]     torch layout, HF key names
+    Config(spec.ModelConfig)        frozen dataclass: the HF hyper-parameters it needs, under config.json's names
+                                    (and num_labels if it has a classifier); ModelConfig adds dtype (compute),
+                                    param_dtype, lora_dropout, remat
+    a flax module class             built as Model(config, task)
+    SPEC = FamilySpec(...)          lora_jax.models.spec: the module class, model types, transformers class per
+                                    task, LoRA target names, fused slices, backbone prefix, head modules, Conv1D
+                                    kernels, key renames, ignored keys (buffers, pretraining heads), tied weights
+    build = SPEC.build              (config, task) -> module, the task checked
+
+Conversion is shared and driven by the spec: `spec.config_from_hf`, `config_to_hf`, `params_from_hf`,
+`params_to_hf`; `tests/test_conformance.py` checks every registered family against transformers.
 
 Tasks: "base" (no head), "sequence-classification" (num_labels >= 2; num_labels == 1 is regression, as in HF),
-"causal-lm". A built module is called as
+"causal-lm", "seq2seq-lm". A built module is called as
     module.apply({"params": p}, input_ids, attention_mask=None, token_type_ids=None, deterministic=True,
                  rngs={"dropout": key})
-and returns a dict with "last_hidden_state" and, when the task has a head, "logits".
-
-Param trees mirror HF module names (`roberta.encoder.layer.0.attention.self.query.kernel`), so LoRA target
-patterns, PEFT adapter keys and checkpoint keys translate one to one: kernel <-> weight (transposed for
-nn.Linear, as is for GPT-2's Conv1D), embedding <-> weight, LayerNorm scale <-> weight.
+(T5: input_ids, attention_mask, decoder_input_ids) and returns a dict with "last_hidden_state" and, when the
+task has a head, "logits".
 """
+
+from lora_jax.models.hub import from_pretrained, lora_config, to_pretrained
+
+__all__ = ["from_pretrained", "lora_config", "to_pretrained"]

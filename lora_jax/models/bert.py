@@ -17,30 +17,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.models.common import (
-    ACTIVATIONS,
-    Layers,
-    abstract_params,
-    attend,
-    attention_scores,
-    check_task,
-    dense,
-    fresh,
-    hf_fields,
-    hf_key,
-    label_maps,
-    layer_norm,
-    masked_softmax,
-    num_labels_from_hf,
-    swap_layout,
-    unflatten,
-)
-from lora_jax.tree import leaf_paths
+from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
-MODEL_TYPES = ("bert", "roberta")
 LORA_TARGETS = {
     "q": r"attention\.self\.query",
     "k": r"attention\.self\.key",
@@ -48,13 +29,10 @@ LORA_TARGETS = {
     "o": r"attention\.output\.dense",
     "mlp": r"intermediate\.dense|layer\.\d+\.output\.dense",
 }
-FUSED: dict[str, tuple[str, ...]] = {}
-TASKS = ("base", "sequence-classification")
-HEADS = ("classifier", "pooler")  # modules a checkpoint may lack: initialised fresh, as transformers does
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     model_type: str = "bert"
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -71,10 +49,6 @@ class Config:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     num_labels: int = 2
-    dtype: Any = jnp.float32  # compute
-    param_dtype: Any = jnp.float32
-    lora_dropout: float = 0.0
-    remat: bool | str = False  # recompute each layer's activations in the backward pass: memory for ~30% time
 
     @property
     def prefix(self) -> str:
@@ -84,38 +58,24 @@ class Config:
     def has_pooler(self) -> bool:
         return self.model_type == "bert"
 
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
 
-def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
-    if hf.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"bert.py handles model_type {MODEL_TYPES}, got {hf.get('model_type')!r}.")
-    _check_task(task)
+
+def _read_config(hf: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(
             f"position_embedding_type={hf['position_embedding_type']!r} is not supported; only 'absolute'."
         )
-    if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-    num_labels = num_labels_from_hf(hf, num_labels)
-    fields = set(hf_fields(Config, skip=("num_labels",)))
-    return Config(**{k: v for k, v in hf.items() if k in fields}, num_labels=num_labels)
+    return values
 
 
-def config_to_hf(config: Config, task: str) -> dict[str, Any]:
-    _check_task(task)
-    hf = {name: getattr(config, name) for name in hf_fields(Config, skip=("num_labels",))}
-    name = {"bert": "Bert", "roberta": "Roberta"}[config.model_type]
-    head = "Model" if task == "base" else "ForSequenceClassification"
-    hf["architectures"] = [name + head]
-    if task != "base":
-        hf.update(label_maps(config.num_labels))
+def _write_config(config: Config, task: str, hf: dict[str, Any]) -> dict[str, Any]:
     if config.model_type == "roberta":
         hf.setdefault("bos_token_id", 0)
         hf.setdefault("eos_token_id", 2)
     return hf
-
-
-def _check_task(task: str) -> None:
-    check_task(task, TASKS, "BERT/RoBERTa")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -297,62 +257,22 @@ class Model(nn.Module):
         return out
 
 
-def build(config: Config, task: str = "base") -> Model:
-    _check_task(task)
-    return Model(config, task)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion
-# ------------------------------------------------------------------------------------------------------------
-
-
-def param_shapes(config: Config, task: str) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """{dotted param path: (shape, dtype)} of a freshly built model, without allocating it."""
-    shapes = abstract_params(build(config, task), jnp.zeros((1, 2), jnp.int32))
-    return {p: (tuple(s.shape), s.dtype) for p, s in shapes.items()}
-
-
-def _normalise_keys(state: Mapping[str, Any], config: Config) -> dict[str, Any]:
-    """Give every backbone key the model prefix; checkpoints saved from BertModel/RobertaModel have none."""
-    prefixed = any(k.startswith(config.prefix + ".") for k in state)
-    out = {}
-    for key, value in state.items():
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        out[key if prefixed else f"{config.prefix}.{key}"] = value
-    return out
-
-
-def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """HF state dict (torch layout) -> nested params; heads the checkpoint lacks are initialised fresh."""
-    state = _normalise_keys(state, config)
-    flat, new = {}, []
-    for path, (shape, _) in param_shapes(config, task).items():
-        key = hf_key(path)
-        if key not in state:
-            if not any(h in path.split(".") for h in HEADS):
-                raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a {config.model_type}?")
-            flat[path] = fresh(path, shape, config.initializer_range, config.param_dtype, seed)
-            new.append(path.rsplit(".", 1)[0])
-            continue
-        value = np.asarray(state[key])
-        if path.endswith(".kernel"):
-            value = value.T
-        if value.shape != shape:
-            raise ValueError(f"checkpoint weight {key!r} has shape {value.shape}; the config expects {shape}")
-        flat[path] = jnp.asarray(value, config.param_dtype)
-    return unflatten(flat), list(dict.fromkeys(new))
-
-
-def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
-    """Nested params -> HF state dict; a base model's keys carry no prefix, as BertModel.save_pretrained."""
-    state = {}
-    for path, value in leaf_paths(params):
-        value = np.asarray(value)
-        key = hf_key(path)
-        if task == "base":
-            key = key.removeprefix(config.prefix + ".")
-        state[key] = np.ascontiguousarray(swap_layout(path, value))
-    return state
+SPEC = FamilySpec(
+    name="BERT/RoBERTa",
+    model_types=("bert", "roberta"),
+    config_class=Config,
+    model=Model,
+    architectures={
+        (model_type, task): f"{name}{head}"
+        for model_type, name in (("bert", "Bert"), ("roberta", "Roberta"))
+        for task, head in (("base", "Model"), ("sequence-classification", "ForSequenceClassification"))
+    },
+    lora_targets=LORA_TARGETS,
+    prefix=lambda config: config.prefix,
+    heads=("classifier", r"(?:bert|roberta)\.pooler"),  # RoBERTa has no pooler: a RobertaModel's is not used
+    renames=((r"LayerNorm\.gamma", "LayerNorm.weight"), (r"LayerNorm\.beta", "LayerNorm.bias")),  # TF-era names
+    ignored=(r"position_ids$", r"^cls\.", r"^lm_head\."),  # buffers; BERT's and RoBERTa's pretraining heads
+    read_config=_read_config,
+    write_config=_write_config,
+)
+build = SPEC.build

@@ -1,5 +1,5 @@
-"""What every model family shares: activations, layer factories, the numbered layer stack, masked softmax, and
-the bookkeeping of config.json and state-dict conversion.
+"""What every model family's architecture shares: activations, layer factories, the numbered layer stack, masked
+softmax, attention and the KV cache. (Checkpoint and config.json conversion is lora_jax.models.spec.)
 
 Each family file (bert.py, gpt2.py, ...) keeps what makes its architecture itself; anything here is the same
 logic in all of them, so a fix lands once.
@@ -7,21 +7,16 @@ logic in all of them, so a fix lands once.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.layers import Dense, LayerNorm
-from lora_jax.lora import is_lora_leaf
-from lora_jax.tree import leaf_paths
 
 # transformers' ACT2FN names -> functions. HF "gelu" is the exact erf form; the "new"/"tanh"/"fast" names are the
 # tanh approximation. Each is checkpointed on its own: the backward pass keeps its input and recomputes the rest,
@@ -39,37 +34,6 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
 }
 ACTIVATIONS = {name: jax.checkpoint(fn) for name, fn in _ACTIVATIONS.items()}
-NOT_HF = ("dtype", "param_dtype", "lora_dropout", "remat")  # Config fields of ours, not of config.json
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Config bookkeeping
-# ------------------------------------------------------------------------------------------------------------
-
-
-def hf_fields(config_class: type, skip: tuple[str, ...] = ()) -> list[str]:
-    """The Config fields that config.json shares (everything but our dtype/LoRA/remat switches and `skip`)."""
-    return [f.name for f in dataclasses.fields(config_class) if f.name not in NOT_HF + skip]
-
-
-def num_labels_from_hf(hf: Mapping[str, Any], num_labels: int | None) -> int:
-    """The caller's num_labels, else config.json's, else its id2label's length, else 2 (transformers' default)."""
-    if num_labels is None:
-        num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
-    return num_labels
-
-
-def label_maps(num_labels: int) -> dict[str, dict]:
-    """The id2label/label2id pair transformers writes for a classifier with default label names."""
-    return {
-        "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
-        "label2id": {f"LABEL_{i}": i for i in range(num_labels)},
-    }
-
-
-def check_task(task: str, tasks: tuple[str, ...], family: str) -> None:
-    if task not in tasks:
-        raise ValueError(f"{family} has no task {task!r}; it supports tasks {list(tasks)}.")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,94 +168,3 @@ def causal_cache_mask(
         )
     causal = jnp.arange(keys)[None, :] <= (index + jnp.arange(length))[:, None]
     return causal[None, None, :, :] & key_mask[:, None, None, :]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion
-# ------------------------------------------------------------------------------------------------------------
-
-_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def hf_key(path: str) -> str:
-    """Flax param path -> HF state-dict key: kernel, embedding and LayerNorm scale are all `weight`."""
-    module, leaf = path.rsplit(".", 1)
-    return f"{module}.{_TO_HF[leaf]}"
-
-
-def swap_layout(path: str, array: np.ndarray) -> np.ndarray:
-    """Flax <-> torch layout (its own inverse): nn.Linear is (out, in), Conv1d (out, in / groups, width)."""
-    if path.endswith(".kernel"):
-        return array.T if array.ndim == 2 else array.transpose(2, 1, 0)
-    return array
-
-
-def load_weights(
-    state: Mapping[str, Any],
-    shapes: Mapping[str, tuple[int, ...]],
-    heads: tuple[str, ...],
-    std: float,
-    dtype: Any,
-    seed: int,
-    family: str,
-) -> tuple[dict[str, jax.Array], list[str]]:
-    """{param path: array} from an HF state dict whose keys already carry the model's prefix, and the new paths.
-
-    A head (a top-level module in `heads`) that the checkpoint lacks or shapes differently (another label count)
-    is initialised fresh and listed; a missing backbone weight is a KeyError, a misshapen one a ValueError; keys
-    the model has no use for (pretraining heads, buffers) are ignored.
-    """
-    flat, new = {}, []
-    for path, shape in shapes.items():
-        key = hf_key(path)
-        weight = swap_layout(path, np.asarray(state[key])) if key in state else None
-        if weight is not None and weight.shape == shape:
-            flat[path] = jnp.asarray(weight, jnp.dtype(dtype))
-        elif path.split(".", 1)[0] in heads:
-            flat[path] = fresh(path, shape, std, dtype, seed)
-            new.append(path)
-        elif weight is None:
-            raise KeyError(f"checkpoint has no weight {key!r} (for {path}); is it a {family} checkpoint?")
-        else:
-            raise ValueError(f"checkpoint weight {key!r} has shape {weight.shape}; the config expects {shape}")
-    return flat, new
-
-
-def abstract_params(module: nn.Module, *inputs: jax.Array) -> dict[str, jax.ShapeDtypeStruct]:
-    """{dotted param path: shape and dtype} of `module` initialised on `inputs`, without allocating it."""
-    tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
-    return dict(leaf_paths(tree))
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"a.b.c": leaf} -> {"a": {"b": {"c": leaf}}}."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def fresh(path: str, shape: tuple[int, ...], std: float, dtype: Any, seed: int) -> jax.Array:
-    """transformers' _init_weights for what a checkpoint lacks: N(0, std) weights, zero biases, unit scales.
-
-    The key folds in the path, so a head's init does not depend on which other params are new.
-    """
-    dtype = jnp.dtype(dtype)
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return jnp.zeros(shape, dtype)
-    if leaf == "scale":
-        return jnp.ones(shape, dtype)
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def check_merged(params: Mapping[str, Any]) -> None:
-    """Exports hold plain weights only: LoRA factors must be merged (or saved as an adapter) first."""
-    for path, _ in leaf_paths(params):
-        if is_lora_leaf(path):
-            raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")

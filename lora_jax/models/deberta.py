@@ -13,38 +13,25 @@ so checkpoints, LoRA targets and PEFT adapter keys translate one to one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.models.common import (
     ACTIVATIONS,
-    abstract_params,
     attend,
     attention_scores,
-    check_merged,
-    check_task,
     dense,
-    hf_fields,
-    hf_key,
-    label_maps,
     layer_norm,
-    load_weights,
     masked_softmax,
     maybe_remat,
-    num_labels_from_hf,
-    swap_layout,
-    unflatten,
 )
 from lora_jax.models.relative_positions import relative_positions
-from lora_jax.tree import leaf_paths
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
-MODEL_TYPES = ("deberta-v2",)
 LORA_TARGETS = {
     "q": "attention.self.query_proj",
     "k": "attention.self.key_proj",
@@ -52,13 +39,10 @@ LORA_TARGETS = {
     "o": "attention.output.dense",
     "mlp": r"intermediate.dense|layer.\d+.output.dense",
 }
-FUSED: dict[str, tuple[str, ...]] = {}
-TASKS = ("base", "sequence-classification")
-HEADS = ("pooler", "classifier")  # top-level params a backbone checkpoint may lack
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     vocab_size: int = 128100
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -89,10 +73,6 @@ class Config:
     pooler_dropout: float = 0.0
     cls_dropout: float | None = None  # None: hidden_dropout_prob
     num_labels: int = 2
-    dtype: Any = "float32"  # compute dtype
-    param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
-    remat: bool | str = False
 
     def __post_init__(self) -> None:
         pos_att_type = self.pos_att_type
@@ -365,82 +345,27 @@ class DebertaV2(nn.Module):
         return out
 
 
-def build(config: Config, task: str) -> nn.Module:
-    _check_task(task)
-    return DebertaV2(config, task)
-
-
-def _check_task(task: str) -> None:
-    check_task(task, TASKS, "DeBERTa-v2")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Hugging Face configs
-# ------------------------------------------------------------------------------------------------------------
-
-_HF_FIELDS = hf_fields(Config, skip=("num_labels",))
-
-
-def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
-    _check_task(task)
-    if hf.get("model_type", "deberta-v2") not in MODEL_TYPES:
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not DeBERTa-v2; use the matching family.")
-    fields = {name: hf[name] for name in _HF_FIELDS if hf.get(name) is not None}
-    num_labels = num_labels_from_hf(hf, num_labels)
-    return Config(**fields, num_labels=int(num_labels))
-
-
-def config_to_hf(config: Config, task: str) -> dict[str, Any]:
-    _check_task(task)
-    hf = {name: getattr(config, name) for name in _HF_FIELDS if getattr(config, name) is not None}
+def _write_config(config: Config, task: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """transformers reads a null embedding_size or head size as None, not as its default: leave nulls out."""
+    hf = {k: v for k, v in hf.items() if v is not None}
     hf["pos_att_type"] = list(config.pos_att_type)
     hf["pooler_hidden_size"] = config.pooler_hidden_size or config.hidden_size
-    hf["model_type"] = "deberta-v2"
-    classify = task == "sequence-classification"
-    hf["architectures"] = ["DebertaV2ForSequenceClassification" if classify else "DebertaV2Model"]
-    if classify:
-        hf.update(label_maps(config.num_labels))
     return hf
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Hugging Face checkpoints
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _canonical(key: str) -> str:
-    """HF keys as the sequence classifier names them: a bare `DebertaV2Model` checkpoint lacks `deberta.`."""
-    return f"deberta.{key}" if key.startswith(("embeddings.", "encoder.")) else key
-
-
-def param_shapes(config: Config, task: str) -> dict[str, tuple[int, ...]]:
-    """{dotted param path: shape}, without allocating anything."""
-    shapes = abstract_params(build(config, task), jnp.zeros((1, 1), jnp.int32))
-    return {path: tuple(leaf.shape) for path, leaf in shapes.items()}
-
-
-def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """Params from an HF state dict.
-
-    A missing or differently shaped head (pooler, classifier) is initialised fresh and listed; a missing
-    backbone weight is an error; keys the model has no use for (MLM heads, buffers) are ignored.
-    """
-    state = {_canonical(k): v for k, v in state.items()}
-    shapes = param_shapes(config, task)
-    flat, new = load_weights(state, shapes, HEADS, config.initializer_range, config.param_dtype, seed, "DeBERTa-v2/v3")
-    return unflatten(flat), new
-
-
-def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
-    """HF state dict (torch layouts); a base model's keys lack `deberta.`, as DebertaV2Model saves them."""
-    _check_task(task)
-    check_merged(params)
-    out = {}
-    for path, leaf in leaf_paths(params):
-        key = hf_key(path)
-        if task == "base":
-            key = key.removeprefix("deberta.")
-        out[key] = np.ascontiguousarray(swap_layout(path, np.asarray(leaf)))
-    return out
+SPEC = FamilySpec(
+    name="DeBERTa-v2",
+    model_types=("deberta-v2",),
+    config_class=Config,
+    model=DebertaV2,
+    architectures={
+        ("deberta-v2", "base"): "DebertaV2Model",
+        ("deberta-v2", "sequence-classification"): "DebertaV2ForSequenceClassification",
+    },
+    lora_targets=LORA_TARGETS,
+    prefix="deberta",
+    heads=("pooler", "classifier"),
+    ignored=(r"position_ids$", r"^(?:lm_predictions|mask_predictions|cls)\."),  # buffers; pretraining heads
+    write_config=_write_config,
+)
+build = SPEC.build

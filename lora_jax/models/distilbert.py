@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,28 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.models.common import (
-    ACTIVATIONS,
-    NOT_HF,
-    Layers,
-    abstract_params,
-    attend,
-    attention_scores,
-    check_merged,
-    check_task,
-    dense,
-    hf_key,
-    label_maps,
-    layer_norm,
-    load_weights,
-    masked_softmax,
-    num_labels_from_hf,
-    swap_layout,
-    unflatten,
-)
-from lora_jax.tree import leaf_paths
+from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
-MODEL_TYPES = ("distilbert",)
 LORA_TARGETS = {
     "q": r"attention\.q_lin",
     "k": r"attention\.k_lin",
@@ -57,15 +36,12 @@ LORA_TARGETS = {
     "o": r"attention\.out_lin",
     "mlp": r"ffn\.lin1|ffn\.lin2",
 }
-FUSED: dict[str, tuple[str, ...]] = {}
-TASKS = ("base", "sequence-classification")
-HEADS = ("pre_classifier", "classifier")  # top-level modules a backbone checkpoint lacks
 PREFIX = "distilbert"
 LAYER_NORM_EPS = 1e-12  # fixed in transformers' DistilBERT, not a config field
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     """transformers' DistilBertConfig field names (dim, n_layers, hidden_dim, ...), defaults included."""
 
     vocab_size: int = 30522
@@ -82,10 +58,6 @@ class Config:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     num_labels: int = 2
-    dtype: Any = jnp.float32  # compute
-    param_dtype: Any = jnp.float32
-    lora_dropout: float = 0.0
-    remat: bool | str = False  # recompute each layer's activations in the backward pass: memory for ~30% time
 
     @property
     def model_type(self) -> str:
@@ -96,33 +68,6 @@ class Config:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}; fix config.json.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
-
-
-_NOT_HF = {*NOT_HF, "num_labels"}
-
-
-def _check_task(task: str) -> None:
-    check_task(task, TASKS, "DistilBERT")
-
-
-def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
-    if hf.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"distilbert.py handles model_type {MODEL_TYPES}, got {hf.get('model_type')!r}.")
-    _check_task(task)
-    num_labels = num_labels_from_hf(hf, num_labels)
-    fields = {f.name for f in dataclasses.fields(Config)} - _NOT_HF
-    known = {k: v for k, v in hf.items() if k in fields and v is not None}
-    return Config(**known, num_labels=num_labels)
-
-
-def config_to_hf(config: Config, task: str) -> dict[str, Any]:
-    _check_task(task)
-    hf = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_HF}
-    hf["model_type"] = "distilbert"
-    hf["architectures"] = ["DistilBertModel" if task == "base" else "DistilBertForSequenceClassification"]
-    if task != "base":
-        hf.update(label_maps(config.num_labels))
-    return hf
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,48 +194,18 @@ class Model(nn.Module):
         return out
 
 
-def build(config: Config, task: str = "base") -> Model:
-    _check_task(task)
-    return Model(config, task)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion
-# ------------------------------------------------------------------------------------------------------------
-
-
-def param_shapes(config: Config, task: str) -> dict[str, tuple[int, ...]]:
-    """{dotted param path: shape} of a freshly built model, without allocating it."""
-    shapes = abstract_params(build(config, task), jnp.zeros((1, 2), jnp.int32))
-    return {path: tuple(leaf.shape) for path, leaf in shapes.items()}
-
-
-def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """HF state dict (torch layout) -> nested params.
-
-    A missing or differently shaped head (pre_classifier, classifier) is initialised fresh and listed; a
-    missing backbone weight is an error; keys the model has no use for (the MLM head, buffers) are ignored.
-    Checkpoints saved from DistilBertModel carry no `distilbert.` prefix; they get one here.
-    """
-    _check_task(task)
-    prefixed = any(k.startswith(PREFIX + ".") for k in state)
-    state = {(k if prefixed or k.split(".", 1)[0] in HEADS else f"{PREFIX}.{k}"): v for k, v in state.items()}
-    shapes = param_shapes(config, task)
-    flat, new = load_weights(state, shapes, HEADS, config.initializer_range, config.param_dtype, seed, "DistilBERT")
-    return unflatten(flat), list(dict.fromkeys(path.rsplit(".", 1)[0] for path in new))
-
-
-def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
-    """HF state dict (torch layout); a base model's keys lack `distilbert.`, as DistilBertModel saves them."""
-    _check_task(task)
-    check_merged(params)
-    state = {}
-    for path, value in leaf_paths(params):
-        value = np.asarray(value)
-        key = hf_key(path)
-        if task == "base":
-            key = key.removeprefix(PREFIX + ".")
-        state[key] = np.ascontiguousarray(swap_layout(path, value))
-    return state
+SPEC = FamilySpec(
+    name="DistilBERT",
+    model_types=("distilbert",),
+    config_class=Config,
+    model=Model,
+    architectures={
+        ("distilbert", "base"): "DistilBertModel",
+        ("distilbert", "sequence-classification"): "DistilBertForSequenceClassification",
+    },
+    lora_targets=LORA_TARGETS,
+    prefix=PREFIX,
+    heads=("pre_classifier", "classifier"),
+    ignored=(r"position_ids$", r"^vocab_(?:transform|layer_norm|projector)\."),  # buffers; the MLM head
+)
+build = SPEC.build

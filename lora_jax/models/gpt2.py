@@ -21,33 +21,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported: gpt2.generate)
 from lora_jax.models.common import (
     ACTIVATIONS,
-    abstract_params,
     attend,
     attention_scores,
     causal_cache_mask,
-    check_merged,
-    check_task,
     dense,
     empty_cache,
-    hf_fields,
-    hf_key,
-    label_maps,
     layer_norm,
     masked_softmax,
     maybe_remat,
-    num_labels_from_hf,
-    unflatten,
     write_cache,
 )
-from lora_jax.tree import leaf_paths
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
-MODEL_TYPES = ("gpt2",)
 LORA_TARGETS = {
     "q": "attn.c_attn.q",
     "k": "attn.c_attn.k",
@@ -56,7 +46,6 @@ LORA_TARGETS = {
     "mlp": "mlp.c_fc|mlp.c_proj",
 }
 FUSED = {"c_attn": ("q", "k", "v")}
-TASKS = ("base", "sequence-classification", "causal-lm")
 ARCHITECTURES = {
     "base": "GPT2Model",
     "sequence-classification": "GPT2ForSequenceClassification",
@@ -66,7 +55,7 @@ Cache = list  # one {"k", "v"} dict of (batch, max_length, heads, head_dim) arra
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -86,10 +75,6 @@ class Config:
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None
     num_labels: int = 2
-    dtype: Any = "float32"  # compute dtype
-    param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
-    remat: bool | str = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -108,36 +93,10 @@ class Config:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
-_HF_FIELDS = hf_fields(Config)
-
-
-def _check_task(task: str) -> None:
-    check_task(task, TASKS, "GPT-2")
-
-
-def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
-    """A Config from a transformers config.json dict (GPT2Config defaults fill what it leaves out)."""
-    _check_task(task)
-    if hf.get("model_type", "gpt2") not in MODEL_TYPES:
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not GPT-2; pick the model family that matches.")
+def _read_config(hf: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     if hf.get("add_cross_attention"):
         raise ValueError("GPT-2 with cross-attention is not supported; use a decoder-only checkpoint.")
-    values = {name: hf[name] for name in _HF_FIELDS if name in hf}
-    for name in ("bos_token_id", "eos_token_id"):
-        if isinstance(values.get(name), list):  # HF allows several; greedy decoding here stops on the first
-            values[name] = values[name][0]
-    values["num_labels"] = int(num_labels_from_hf(hf, num_labels))
-    return Config(**values)
-
-
-def config_to_hf(config: Config, task: str) -> dict[str, Any]:
-    """A config.json dict that transformers loads as the matching GPT-2 class."""
-    _check_task(task)
-    hf = {"model_type": "gpt2", "architectures": [ARCHITECTURES[task]], "tie_word_embeddings": True}
-    hf.update({name: getattr(config, name) for name in _HF_FIELDS if name != "num_labels"})
-    hf.update(label_maps(config.num_labels))
-    hf["torch_dtype"] = str(jnp.dtype(config.param_dtype))
-    return hf
+    return values
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -305,85 +264,25 @@ class GPT2(nn.Module):
         return out
 
 
-def build(config: Config, task: str) -> GPT2:
-    _check_task(task)
-    return GPT2(config, task)
-
-
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty KV cache of fixed size, in the compute dtype."""
     return empty_cache(config.n_layer, batch_size, max_length, config.n_head, config.head_dim, config.dtype)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion (HF names: Conv1D weights are (d_in, d_out), so only the Linear `score` is transposed)
-# ------------------------------------------------------------------------------------------------------------
-
-_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints, not weights
-_HEADS = ("lm_head", "score", "multiple_choice_head")
-
-
-def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """Flax params from an HF state dict (GPT2Model keys with or without `transformer.`, or a headed model's).
-
-    A head the checkpoint lacks (or has with another shape) is initialised as HF would, N(0,
-    initializer_range), from `seed`, and its path returned in the second value. The tied `lm_head.weight` is
-    ignored.
-    """
-    _check_task(task)
-    body, heads = {}, {}
-    for key, value in state.items():
-        if key.endswith(_BUFFERS):
-            continue
-        if key.split(".", 1)[0] in _HEADS:
-            heads[key] = value
-        else:
-            body[key.removeprefix("transformer.")] = value
-
-    param_dtype = jnp.dtype(config.param_dtype)
-    rng = jax.random.key(seed)
-    flat: dict[str, Any] = {}
-    new = []
-    used = set()
-    for path, spec in abstract_params(build(config, task), jnp.zeros((1, 1), jnp.int32)).items():
-        if path.startswith("transformer."):
-            key = hf_key(path.removeprefix("transformer."))
-            if key not in body:
-                raise ValueError(f"Checkpoint has no {key!r}; is it a GPT-2 checkpoint matching this config?")
-            value = np.asarray(body[key])
-            used.add(key)
-        else:  # the score head: torch Linear, (out, in)
-            key = hf_key(path)
-            value = heads.get(key)
-            value = None if value is None else np.asarray(value).T
-            if value is None or value.shape != spec.shape:
-                head_rng = jax.random.fold_in(rng, len(new))
-                value = config.initializer_range * jax.random.normal(head_rng, spec.shape, jnp.float32)
-                new.append(path)
-        if value.shape != spec.shape:
-            raise ValueError(f"{key}: checkpoint shape {value.shape} != model shape {spec.shape}; fix the config.")
-        flat[path] = jnp.asarray(value, param_dtype)
-    unexpected = sorted(set(body) - used)
-    if unexpected:
-        raise ValueError(f"Checkpoint weights {unexpected[:5]} have no place in lora_jax's GPT-2; wrong family?")
-    return unflatten(flat), new
-
-
-def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
-    """An HF state dict (torch layout) for the model of `task`; `lm_head.weight` is a copy of wte."""
-    _check_task(task)
-    check_merged(params)
-    paths = leaf_paths(params)
-    prefix = "" if task == "base" else "transformer."
-    state = {}
-    for path, value in paths:
-        value = np.asarray(jax.device_get(value))
-        if path.startswith("transformer."):
-            state[prefix + hf_key(path.removeprefix("transformer."))] = value
-        elif task == "sequence-classification" and path.startswith("score."):
-            state[hf_key(path)] = value.T
-    if task == "causal-lm":
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
+SPEC = FamilySpec(
+    name="GPT-2",
+    model_types=("gpt2",),
+    config_class=Config,
+    model=GPT2,
+    architectures={("gpt2", task): name for task, name in ARCHITECTURES.items()},
+    lora_targets=LORA_TARGETS,
+    fused=FUSED,
+    prefix="transformer",
+    heads=("lm_head", "score", "multiple_choice_head"),
+    conv1d=r"\.(?:c_attn|c_proj|c_fc)$",  # HF's Conv1D holds (d_in, d_out); only the Linear `score` transposes
+    ignored=(r"\.attn\.(?:masked_)?bias$",),  # causal-mask buffers in old checkpoints, not weights
+    tied={"lm_head.weight": "transformer.wte.weight"},
+    read_config=_read_config,
+    write_config=lambda config, task, hf: {**hf, "tie_word_embeddings": True},
+)
+build = SPEC.build

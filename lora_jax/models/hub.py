@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folders <-> (Flax module, params): the plumbing every model family shares.
 
-A family file (see `lora_jax.models` for its contract) knows its architecture and key names; this file knows
-folders, hub downloads, safetensors/pickle files and tokenizers. Adding a family is one line in `FAMILIES`.
+A family file declares its architecture and a `FamilySpec` (lora_jax.models.spec, which also converts state
+dicts); this file knows folders, hub downloads, safetensors/pickle files and tokenizers. Adding a family is its
+file plus one line per model_type in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lora_jax.lora import LoraConfig, merge
+from lora_jax.models.spec import FamilySpec, config_from_hf, config_to_hf, family_of, params_from_hf, params_to_hf
 from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
 
-# HF config.json model_type -> the module implementing it (imported only when used).
+# HF config.json model_type -> the family file defining its `SPEC: FamilySpec` (imported only when used).
 FAMILIES = {
     "bert": "lora_jax.models.bert",
     "roberta": "lora_jax.models.bert",
@@ -43,15 +45,10 @@ TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
 
 
-def family(model_type: str) -> ModuleType:
+def family(model_type: str) -> FamilySpec:
     if model_type not in FAMILIES:
         raise ValueError(f"Unsupported model_type {model_type!r}; lora_jax supports {sorted(FAMILIES)}.")
-    return importlib.import_module(FAMILIES[model_type])
-
-
-def family_of(config: Any) -> ModuleType:
-    """The family module that defines this Config class."""
-    return importlib.import_module(type(config).__module__)
+    return importlib.import_module(FAMILIES[model_type]).SPEC
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -93,10 +90,13 @@ def load_state(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
+    """Read through JAX on the host, whose numpy knows bfloat16 (safetensors' numpy reader does not), so bf16 and
+    fp16 checkpoints load in their own dtype; params_from_hf casts them to param_dtype."""
     state = {}
-    for file in files:
-        with safe_open(file, framework="np") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    with jax.default_device(jax.devices("cpu")[0]):
+        for file in files:
+            with safe_open(file, framework="flax") as f:
+                state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118 (not a dict)
     return state
 
 
@@ -138,30 +138,31 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     seed: int = 0,
+    allow_unexpected: bool = False,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
 
-    Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and named
-    in one log line; `seed` picks their init. `config_overrides` replace Config fields, e.g.
-    `hidden_dropout_prob=0.0, remat=True`.
+    Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and their
+    leaves named in one log line; `seed` picks their init. A checkpoint weight the model has no place for is
+    an error naming it, unless `allow_unexpected` (then it is logged and left out). `config_overrides` replace
+    Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`.
     """
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"No config.json in {folder}; is it a Hugging Face model folder?")
     hf = json.loads(config_file.read_text())
-    fam = family(hf.get("model_type", "<missing>"))
-    config = fam.config_from_hf(hf, task, num_labels)
+    config = config_from_hf(hf, task, num_labels)
     valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(config_overrides) - valid)
     if unknown:
         raise TypeError(f"Unknown config overrides {unknown}; valid fields: {sorted(valid)}.")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    params, new = fam.params_from_hf(load_state(folder), config, task, seed=seed)
+    params, new = params_from_hf(load_state(folder), config, task, seed=seed, allow_unexpected=allow_unexpected)
     if new:
         log.warning("newly initialised: %s", ", ".join(new))
-    return fam.build(config, task), params, load_tokenizer(folder), config
+    return family_of(config).build(config, task), params, load_tokenizer(folder), config
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -178,14 +179,13 @@ def to_pretrained(
 ) -> Path:
     """Write config.json + model.safetensors that transformers' AutoModel classes load (LoRA merged in)."""
     config = getattr(module_or_config, "config", module_or_config)
-    fam = family_of(config)
     if any(p.rsplit(".", 1)[-1].startswith("lora_") for p, _ in leaf_paths(params)):
         params = merge(params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: _storable(v) for k, v in fam.params_to_hf(params, config, task).items()}
+    state = {k: _storable(v) for k, v in params_to_hf(params, config, task).items()}
     save_file(state, out / WEIGHTS, metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(fam.config_to_hf(config, task), indent=2, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(config_to_hf(config, task), indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -198,7 +198,7 @@ def _storable(value: Any) -> np.ndarray:
 
 def lora_config(model_type: str, targets: Sequence[str] = ("q", "v"), **kw: Any) -> LoraConfig:
     """A LoraConfig for a family, with the paper's names (q, k, v, o, mlp) expanded to its module patterns."""
-    fam = family(model_type)
-    expanded = tuple(fam.LORA_TARGETS.get(t, t) for t in ([targets] if isinstance(targets, str) else targets))
-    kw.setdefault("fused", getattr(fam, "FUSED", {}))
+    spec = family(model_type)
+    expanded = tuple(spec.lora_targets.get(t, t) for t in ([targets] if isinstance(targets, str) else targets))
+    kw.setdefault("fused", spec.fused)
     return LoraConfig(targets=expanded, **kw)

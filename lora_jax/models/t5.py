@@ -7,11 +7,10 @@ decoder), no 1/sqrt(d) attention scaling (T5 folds it into the init), a relu FFN
 one (v1.1 and mT5, `wi_0`/`wi_1`/`wo`). With `tie_word_embeddings` (T5 v1.0) the LM head is `shared` and the
 decoder output is scaled by d_model**-0.5 first; v1.1 and mT5 have their own unscaled `lm_head`.
 
-Task "seq2seq-lm" (an addition to the contract's task list): the module is called as
-    module.apply({"params": p}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-                 deterministic=True) -> {"logits", "last_hidden_state" (decoder), "encoder_last_hidden_state"}
-and `method="encode"` / `method="decode"` run the two halves alone; `decode` takes a KV cache (`init_cache`)
-so generation (lora_jax.models.seq2seq_generate) runs the encoder once and the decoder a token at a time.
+Task "seq2seq-lm": `module.apply({"params": p}, input_ids, attention_mask, decoder_input_ids, ...)` returns
+{"logits", "last_hidden_state" (decoder), "encoder_last_hidden_state"}; `method="encode"` / `"decode"` run the
+halves alone, `decode` with a KV cache (`init_cache`), so generation (lora_jax.models.seq2seq_generate) runs the
+encoder once and the decoder a token at a time.
 
 Param paths are HF's (`decoder.block.0.layer.1.EncDecAttention.q.kernel`), so LoRA targets name modules as PEFT
 does: its default T5 targets ["q", "v"] are every q and v projection, self- and cross-attention, both stacks.
@@ -20,36 +19,27 @@ does: its default T5 targets ["q", "v"] are every q and v projection, self- and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.layers import Dense, Dropout
 from lora_jax.models.common import (
     ACTIVATIONS,
-    abstract_params,
     attend,
     attention_scores,
     causal_cache_mask,
-    check_merged,
-    check_task,
     dense,
     empty_cache,
-    hf_fields,
-    hf_key,
     masked_softmax,
     maybe_remat,
-    swap_layout,
-    unflatten,
     write_cache,
 )
 from lora_jax.models.relative_positions import relative_position_bucket
-from lora_jax.tree import leaf_paths
+from lora_jax.models.spec import FamilySpec, ModelConfig
 
 MODEL_TYPES = ("t5", "mt5")
 _ATTENTIONS = r"(?:SelfAttention|EncDecAttention)"
@@ -60,22 +50,12 @@ LORA_TARGETS = {
     "o": rf"{_ATTENTIONS}\.o",
     "mlp": r"DenseReluDense\.(?:wi|wi_0|wi_1|wo)",
 }
-FUSED: dict[str, tuple[str, ...]] = {}
-TASKS = ("base", "seq2seq-lm")
-ARCHITECTURES = {
-    ("t5", "base"): "T5Model",
-    ("t5", "seq2seq-lm"): "T5ForConditionalGeneration",
-    ("mt5", "base"): "MT5Model",
-    ("mt5", "seq2seq-lm"): "MT5ForConditionalGeneration",
-}
+_BIAS = "relative_attention_bias"  # the first block's table of (bucket, head) biases
 Cache = list  # per decoder block: {"k", "v"} (batch, max_length, heads, d_kv), plus "cross_k"/"cross_v" once filled
-# Keys transformers keeps that are not weights of their own: the stacks' aliases of `shared`, and a relative
-# bias some old checkpoints carry for cross-attention, which T5 never uses.
-_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "EncDecAttention.relative_attention_bias")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ModelConfig):
     model_type: str = "t5"
     vocab_size: int = 32128
     d_model: int = 512
@@ -94,14 +74,8 @@ class Config:
     pad_token_id: int = 0
     eos_token_id: int | None = 1
     decoder_start_token_id: int = 0
-    dtype: Any = "float32"  # compute
-    param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
-    remat: bool | str = False
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"t5.py handles model_type {MODEL_TYPES}, got {self.model_type!r}.")
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.activation not in ACTIVATIONS:
             raise ValueError(
@@ -123,46 +97,23 @@ class Config:
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
 
-_HF_FIELDS = hf_fields(Config)
-
-
-def _check_task(task: str) -> None:
-    check_task(task, TASKS, "T5")
-
-
-def config_from_hf(hf: Mapping[str, Any], task: str, num_labels: int | None = None) -> Config:
-    """A Config from a config.json dict. `num_labels` is accepted for the contract and unused.
-
-    Tying follows transformers 5, which rewrites every saved config's `tie_word_embeddings` to True: for T5 the
-    `scale_decoder_outputs` it saves beside it (else the original flag) says whether the head is the embedding;
-    mT5 never scales, and every released mT5/mT0 has its own `lm_head`, so it is always untied.
-    """
-    _check_task(task)
-    model_type = hf.get("model_type", "t5")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not T5/mT5; pick the model family that matches.")
-    values = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
-    if model_type == "mt5":
+def _read_config(hf: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 saves `tie_word_embeddings` True always: for T5 `scale_decoder_outputs` (else the flag) says
+    whether the head is the embedding; mT5 never scales and every released mT5/mT0 has its own `lm_head`."""
+    if values["model_type"] == "mt5":
         values.setdefault("feed_forward_proj", "gated-gelu")
         values["tie_word_embeddings"] = False
     else:
         values["tie_word_embeddings"] = bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
-    if isinstance(values.get("eos_token_id"), list):  # several allowed in HF; decoding here stops on the first
-        values["eos_token_id"] = values["eos_token_id"][0]
     values.setdefault("decoder_start_token_id", values.get("pad_token_id", 0))
-    return Config(**values)
+    return values
 
 
-def config_to_hf(config: Config, task: str) -> dict[str, Any]:
-    """A config.json dict transformers loads as the matching (M)T5 class."""
-    _check_task(task)
-    hf = {name: getattr(config, name) for name in _HF_FIELDS}
+def _write_config(config: Config, task: str, hf: dict[str, Any]) -> dict[str, Any]:
     hf["num_decoder_layers"] = config.decoder_layers
-    hf["architectures"] = [ARCHITECTURES[config.model_type, task]]
     hf["is_encoder_decoder"] = True
     if config.model_type == "t5":
         hf["scale_decoder_outputs"] = config.tie_word_embeddings
-    hf["torch_dtype"] = str(jnp.dtype(config.param_dtype))
     return hf
 
 
@@ -217,19 +168,12 @@ class Attention(nn.Module):
         # No 1/sqrt(d_kv): T5 folds it into q's init. Scores and softmax in float32 whatever the compute dtype.
         scores = attention_scores(q, k)
         if self.has_relative_bias:
-            query_pos = cache_index + jnp.arange(x.shape[1])
-            relative = jnp.arange(k.shape[1])[None, :] - query_pos[:, None]
-            buckets = relative_position_bucket(
-                relative, not self.causal, c.relative_attention_num_buckets, c.relative_attention_max_distance
-            )
-            bias = nn.Embed(
-                c.relative_attention_num_buckets,
-                c.num_heads,
-                param_dtype=jnp.dtype(c.param_dtype),
-                embedding_init=nn.initializers.normal(c.initializer_factor * c.d_model**-0.5),
-                name="relative_attention_bias",
-            )(buckets)
-            position_bias = jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)  # (1, heads, q, k)
+            relative = jnp.arange(k.shape[1])[None, :] - (cache_index + jnp.arange(x.shape[1]))[:, None]
+            n = c.relative_attention_num_buckets
+            buckets = relative_position_bucket(relative, not self.causal, n, c.relative_attention_max_distance)
+            init = nn.initializers.normal(c.initializer_factor * c.d_model**-0.5)
+            table = nn.Embed(n, c.num_heads, param_dtype=jnp.dtype(c.param_dtype), embedding_init=init, name=_BIAS)
+            position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)  # (1, heads, q, k)
         if position_bias is not None:
             scores = scores + position_bias
         probs = masked_softmax(scores, mask, jnp.dtype(c.dtype))
@@ -263,11 +207,8 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        c = self.config
-        drop = Dropout(c.dropout_rate)
-        h = _norm(c)(x)
-        ffn = DenseReluDense(c, name="DenseReluDense")
-        return x + drop(ffn(h, deterministic), deterministic=deterministic)
+        h = DenseReluDense(self.config, name="DenseReluDense")(_norm(self.config)(x), deterministic)
+        return x + Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
 
 
 class DenseReluDense(nn.Module):
@@ -362,12 +303,9 @@ class T5(nn.Module):
 
     def setup(self) -> None:
         c = self.config
+        init = nn.initializers.normal(c.initializer_factor)
         self.shared = nn.Embed(
-            c.vocab_size,
-            c.d_model,
-            dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-            embedding_init=nn.initializers.normal(c.initializer_factor),
+            c.vocab_size, c.d_model, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), embedding_init=init
         )
         self.encoder = Stack(c, decoder=False)
         self.decoder = Stack(c, decoder=True)
@@ -430,75 +368,32 @@ class T5(nn.Module):
         return self.lm_head(hidden, deterministic)
 
 
-def build(config: Config, task: str = "seq2seq-lm") -> T5:
-    _check_task(task)
-    return T5(config, task)
-
-
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty self-attention KV cache of fixed size, in the compute dtype, for `T5.decode`."""
     return empty_cache(config.decoder_layers, batch_size, max_length, config.num_heads, config.d_kv, config.dtype)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion: nn.Linear weights are (out, in), so kernels transpose; embeddings and norms do not.
-# ------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def param_shapes(config: Config, task: str) -> dict[str, jax.ShapeDtypeStruct]:
-    """{dotted param path: shape/dtype} of a freshly built model, without allocating it (traced once per config)."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return abstract_params(build(config, task), ids, ids, ids)
-
-
-def params_from_hf(
-    state: Mapping[str, np.ndarray], config: Config, task: str, seed: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """Flax params from an HF state dict (T5Model or a ...ForConditionalGeneration checkpoint).
-
-    `seed` is accepted for the contract; no T5 weight is ever drawn fresh.
-    An untied model whose checkpoint lacks `lm_head.weight` (a T5Model checkpoint) starts its head as a copy of
-    `shared`, as transformers ties it then, and names it in the second value.
-    """
-    _check_task(task)
-    state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    flat: dict[str, Any] = {}
-    new, used = [], set()
-    for path, spec in param_shapes(config, task).items():
-        key = hf_key(path)
-        if key == "lm_head.weight" and key not in state:
-            key = "shared.weight"
-            new.append("lm_head")
-        if key not in state:
-            raise ValueError(f"Checkpoint has no {key!r}; is it a {config.model_type} checkpoint matching this config?")
-        value = np.asarray(state[key])
-        used.add(key)
-        value = value.T if path.endswith(".kernel") else value
-        if value.shape != spec.shape:
-            raise ValueError(f"{key}: checkpoint shape {value.shape} != model shape {spec.shape}; fix the config.")
-        flat[path] = jnp.asarray(value, jnp.dtype(config.param_dtype))
-    if config.tie_word_embeddings and "lm_head.weight" in state and task == "seq2seq-lm":
-        if not np.array_equal(np.asarray(state["lm_head.weight"]), np.asarray(state["shared.weight"])):
-            raise ValueError(
-                "Checkpoint's lm_head.weight differs from shared.weight but the config ties them; "
-                "load with tie_word_embeddings=False."
-            )
-    used.add("lm_head.weight")  # a base model ignores an LM checkpoint's head
-    unexpected = sorted(k for k in set(state) - used if not any(s in k for s in _IGNORED))
-    if unexpected:
-        raise ValueError(f"Checkpoint weights {unexpected[:5]} have no place in lora_jax's T5; wrong family?")
-    return unflatten(flat), new
-
-
-def params_to_hf(params: Mapping[str, Any], config: Config, task: str) -> dict[str, np.ndarray]:
-    """An HF state dict (torch layout); a tied model's `lm_head.weight` is a copy of `shared`, as transformers saves."""
-    _check_task(task)
-    check_merged(params)
-    state = {}
-    for path, value in leaf_paths(params):
-        value = np.asarray(jax.device_get(value))
-        state[hf_key(path)] = np.ascontiguousarray(swap_layout(path, value))
-    if task == "seq2seq-lm" and config.tie_word_embeddings:
-        state["lm_head.weight"] = state["shared.weight"]
-    return state
+SPEC = FamilySpec(
+    name="T5",
+    model_types=MODEL_TYPES,
+    config_class=Config,
+    model=T5,
+    architectures={
+        (model_type, task): f"{name}{head}"
+        for model_type, name in (("t5", "T5"), ("mt5", "MT5"))
+        for task, head in (("base", "Model"), ("seq2seq-lm", "ForConditionalGeneration"))
+    },
+    lora_targets=LORA_TARGETS,
+    heads=("lm_head",),
+    renames=((r"^transformer\.", ""),),
+    # The stacks' aliases of `shared`, and a relative bias some old checkpoints carry for cross-attention, which
+    # T5 never uses: kept by transformers, not weights of their own.
+    ignored=(r"^(?:encoder|decoder)\.embed_tokens\.weight$", r"EncDecAttention\.relative_attention_bias"),
+    # Untied (v1.1, mT5) from a T5Model checkpoint: the head starts as `shared`, as transformers ties it then.
+    tied={"lm_head.weight": "shared.weight"},
+    init_std=lambda config: config.initializer_factor,
+    read_config=_read_config,
+    write_config=_write_config,
+    init_inputs=3,
+)
+build = SPEC.build
