@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lora_jax.lora import LoraConfig, merge
+from lora_jax.quant import quantize_params
 from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
@@ -138,13 +139,15 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     seed: int = 0,
+    quantize: str | None = None,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
 
     Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and named
     in one log line; `seed` picks their init. `config_overrides` replace Config fields, e.g.
-    `hidden_dropout_prob=0.0, remat=True`.
+    `hidden_dropout_prob=0.0, remat=True`. `quantize` ("nf4", "int8", "q8_0", "q4_1") holds the frozen
+    kernels quantized (`lora_jax.quant.quantize_params`; heads stay float).
     """
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
@@ -161,6 +164,8 @@ def from_pretrained(
     params, new = fam.params_from_hf(load_state(folder), config, task, seed=seed)
     if new:
         log.warning("newly initialised: %s", ", ".join(new))
+    if quantize is not None:
+        params = quantize_params(params, quantize)
     return fam.build(config, task), params, load_tokenizer(folder), config
 
 
