@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lora_jax.tree import Params, PathLeaf, map_with_path, matches_module
+from lora_jax.tree import Params, PathLeaf, map_with_path, matches_leaf
 
 METHODS = ("nf4", "int8", "q8_0", "q4_1")
 DEFAULT_EXCLUDE = ("classifier", "lm_head", "score")
@@ -261,11 +261,11 @@ def from_gguf_blocks(qtype_name: str, raw: np.ndarray, torch_shape: Sequence[int
         raise QuantError(f"GGUF kernels are 2-D torch weights (d_out, d_in); got shape {tuple(torch_shape)}.")
     d_out, d_in = (int(s) for s in torch_shape)
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    expected = d_out * d_in // GGUF_BLOCK * kind.BYTES
+    expected = d_out * (d_in // GGUF_BLOCK) * kind.BYTES
     if d_in % GGUF_BLOCK or raw.size != expected:
         raise QuantError(
-            f"{qtype_name} tensor of torch shape {(d_out, d_in)} needs {expected} bytes (d_in a multiple of 32), "
-            f"got {raw.size}: wrong shape or type for these bytes."
+            f"{qtype_name} bytes ({raw.size}) do not hold a torch weight of shape {(d_out, d_in)} (that needs d_in "
+            f"a multiple of 32 and {expected} bytes): wrong shape or type for this tensor."
         )
     return kind.from_blocks(raw, d_out, dtype)
 
@@ -326,17 +326,16 @@ def quantize_params(
     params: Params, method: str, exclude: Sequence[str] = DEFAULT_EXCLUDE, **kw: Any
 ) -> dict[str, Any]:
     """Every frozen 2-D `kernel` quantized with `method`; LoRA leaves, biases, norms and embeddings stay as they
-    are, and so do kernels under `exclude` (module patterns; the heads by default: pass exclude=() to quantize
-    them too). Already-quantized kernels are left alone."""
+    are, and so do kernels whose path contains an `exclude` pattern as whole components (the heads by default,
+    e.g. `classifier.out_proj.kernel`: pass exclude=() to quantize them too). Already-quantized kernels stay."""
     if method not in METHODS:
         raise QuantError(f"Unknown quantization method {method!r}; choose one of {list(METHODS)}.")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
 
     def convert(path: str, leaf: Any) -> Any:
-        module, _, name = path.rpartition(".")
-        if name != "kernel" or is_quantized(leaf) or np.ndim(leaf) != 2:
+        if path.rpartition(".")[2] != "kernel" or is_quantized(leaf):
             return leaf
-        if any(matches_module(p, module) for p in exclude):
+        if np.ndim(leaf) != 2 or any(matches_leaf(p, path) for p in exclude):
             return leaf
         return quantize(leaf, method, **kw)
 
