@@ -337,3 +337,28 @@ def test_from_pretrained_quantizes_on_load(tmp_path):
     assert not quant.is_quantized(qparams["classifier"]["dense"]["kernel"])
     reference = _logits(module, params, batch)
     np.testing.assert_allclose(_logits(module, qparams, batch), reference, atol=0.02 * np.abs(reference).max())
+
+
+@pytest.mark.slow
+def test_the_training_loop_runs_checkpoints_and_resumes_over_an_nf4_base(tmp_path):
+    from lora_jax.train import EvalSpec, TrainConfig, train
+
+    module, params, lora, _ = _lora_base("nf4")
+    rng = np.random.default_rng(0)
+    data = {
+        "input_ids": rng.integers(3, 100, (16, 9)).astype(np.int32),
+        "attention_mask": np.ones((16, 9), np.int32),
+        "labels": rng.integers(0, 3, 16).astype(np.int32),
+    }
+    spec = EvalSpec(3, lambda logits, labels: {"accuracy": float((logits.argmax(-1) == labels).mean())}, "accuracy")
+    config = TrainConfig(epochs=1, batch_size=8, eval_batch_size=8, learning_rate=1e-2, progress=False)
+    fresh = lambda: jax.tree.map(jnp.copy, params)  # train() donates the trainable half's buffers
+    summary = train(module, fresh(), data, {"validation": data}, spec, config, tmp_path, lora)
+    assert summary["steps"] == 2 and summary["best"] is not None
+    assert summary["total_params"] == count_params(quant.dequantize_params(params), lora).total
+    adapter, _ = load_adapter(tmp_path / "adapter", params)
+    assert not np.array_equal(adapter["classifier"]["out_proj"]["kernel"], params["classifier"]["out_proj"]["kernel"])
+    # A second run over the same folder resumes from the latest checkpoint (trainable half + optimizer state).
+    longer = dataclasses.replace(config, epochs=2)
+    again = train(module, fresh(), data, {"validation": data}, spec, longer, tmp_path, lora)
+    assert again["steps"] == 4 and len(again["history"]) == 2
