@@ -112,7 +112,7 @@ def _qwix_step(run: Run):
     qtype = "nf4" if "nf4" in run.config else None
     provider = qwix.LoraProvider(module_path=".*(" + "|".join(TARGETS) + ")", rank=run.rank, alpha=2.0 * run.rank,
                                  weight_qtype=qtype, tile_size=64 if qtype else None)  # fmt: skip
-    model = qwix.apply_lora_to_model(module, provider, ids)
+    model = qwix.apply_lora_to_model(module, provider)  # linen: no sample inputs
     params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
     mask = jax.tree_util.tree_map_with_path(lambda p, _: "lora_" in jax.tree_util.keystr(p), params)
     trainable, frozen = partition(params, mask)
