@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax import quant
 from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE
 
 Dtype = Any
@@ -43,12 +44,22 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        # A quantized kernel (a frozen QLoRA base) is read as it is and dequantized inside the matmul.
+        stored = self.get_variable("params", "kernel") if self._has("kernel") else None
+        quantized = quant.is_quantized(stored)
+        if quantized:
+            kernel = stored
+        else:
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         )
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.dot(x, kernel, precision=self.precision)
+        if quantized:
+            x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype or jnp.result_type(x, kernel.dtype))
+            y = quant.matmul(x, kernel, self.precision)
+        else:
+            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+            y = jnp.dot(x, kernel, precision=self.precision)
         if bias is not None:
             y = y + bias
 

@@ -30,7 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax.tree import Params, combine, filter_leaves, leaf_paths, map_with_path, matches_leaf, matches_module
+from lora_jax.quant import is_quantized
+from lora_jax.tree import (
+    Params,
+    combine,
+    filter_leaves,
+    is_path_leaf,
+    leaf_paths,
+    map_with_path,
+    matches_leaf,
+    matches_module,
+)
 
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
@@ -332,10 +342,17 @@ def partition(params: Params, mask: Any) -> tuple[Any, Any]:
     """Split params into (trainable, frozen) trees with `None` in the other's places.
 
     Differentiating a loss with respect to the trainable half only means XLA never computes the gradients of
-    frozen weights (the dW = x^T dy products), which is most of LoRA's saving.
+    frozen weights (the dW = x^T dy products), which is most of LoRA's saving. A quantized kernel is one leaf
+    here and is always frozen.
     """
-    trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
-    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    for (path, leaf), (_, trains) in zip(leaf_paths(params), leaf_paths(mask), strict=True):
+        if trains is True and is_quantized(leaf):
+            raise LoraError(
+                f"{path} is quantized and cannot train; keep it frozen (drop it from train_also / method) or "
+                "dequantize it first (quant.dequantize_params)."
+            )
+    trainable = jax.tree.map(lambda p, m: p if m is True else None, params, mask, is_leaf=is_path_leaf)
+    frozen = jax.tree.map(lambda p, m: None if m is True else p, params, mask, is_leaf=is_path_leaf)
     return trainable, frozen
 
 
@@ -361,7 +378,7 @@ def _delta(module: Mapping[str, Any], suffix: str) -> jax.Array:
     return jnp.asarray(module[LORA_SCALE + suffix], jnp.float32) * (a @ b)
 
 
-def _fold(params: Params, adapter: Params, sign: float) -> dict[str, Any]:
+def _fold(params: Params, adapter: Params, sign: float, dequantize: bool, prefix: str = "") -> dict[str, Any]:
     out = {}
     for name, child in params.items():
         sub = adapter.get(name) if isinstance(adapter, Mapping) else None
@@ -369,10 +386,18 @@ def _fold(params: Params, adapter: Params, sign: float) -> dict[str, Any]:
             if not (isinstance(name, str) and name.startswith(LORA_PREFIX)):
                 out[name] = child
             continue
-        child = _fold(child, sub, sign)
+        path = f"{prefix}.{name}" if prefix else str(name)
+        child = _fold(child, sub, sign, dequantize, path)
         suffixes = _lora_suffixes(sub)
         if suffixes:
-            kernel = jnp.asarray(child["kernel"])
+            kernel = child["kernel"]
+            if is_quantized(kernel) and not dequantize:
+                raise LoraError(
+                    f"{path}.kernel is quantized ({type(kernel).__name__}): merging would requantize it and "
+                    "silently lose accuracy; dequantize first (merge(params, dequantize=True) merges into a "
+                    "float copy)."
+                )
+            kernel = kernel.dequantize() if is_quantized(kernel) else jnp.asarray(kernel)
             w = kernel.astype(jnp.float32)
             for suffix in suffixes:
                 delta = _delta(sub, suffix)
@@ -388,18 +413,20 @@ def _fold(params: Params, adapter: Params, sign: float) -> dict[str, Any]:
     return out
 
 
-def merge(params: Params) -> dict[str, Any]:
+def merge(params: Params, dequantize: bool = False) -> dict[str, Any]:
     """Fold W + scale * A B into each adapted kernel (in float32) and drop the LoRA leaves.
 
     The result has the base model's exact structure: it runs on the plain model with no extra work and can be
     exported as an ordinary checkpoint. `unmerge(merged, lora_params(params))` takes the adapter back out.
+    A quantized adapted kernel is refused unless `dequantize`: then it becomes a float kernel (its logical dtype)
+    with the update merged in; kernels without an adapter stay quantized (`quant.dequantize_params` for all).
     """
-    return _fold(params, lora_params(params), +1.0)
+    return _fold(params, lora_params(params), +1.0, dequantize)
 
 
 def unmerge(merged: Params, adapter: Params) -> dict[str, Any]:
     """Subtract the adapter's low-rank update from merged kernels and put the LoRA leaves back."""
-    return combine(_fold(merged, adapter, -1.0), adapter)
+    return combine(_fold(merged, adapter, -1.0, False), adapter)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.logging import JsonlLogger, Logger, Loggers
 from lora_jax.lora import LoraConfig, count_params, partition, trainable_mask, unpartition
 from lora_jax.sharding import make_mesh, place_batch, shardings_for
-from lora_jax.tree import leaf_paths, matches_leaf
+from lora_jax.tree import map_with_path, matches_leaf
 
 Params = Any
 Batch = Mapping[str, np.ndarray]
@@ -101,8 +101,7 @@ def method_mask(params: Params, method: str, lora_config: LoraConfig | None) -> 
             return True
         return name == "bias" or any(matches_leaf(p, path) for p in also)
 
-    treedef = jax.tree_util.tree_structure(params)
-    return jax.tree_util.tree_unflatten(treedef, [trains(p) for p, _ in leaf_paths(params)])
+    return map_with_path(lambda path, _: trains(path), params)
 
 
 def linear_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:

@@ -15,6 +15,18 @@ import jax
 Params = Mapping[str, Any]
 
 
+class PathLeaf:
+    """Base of pytree nodes that stand for one logical weight (a quantized kernel: packed arrays plus scales).
+
+    jax sees their arrays; the path helpers below see one leaf, so a mask, a count or an adapter names the
+    weight (`...query.kernel`), never its packed parts.
+    """
+
+
+def is_path_leaf(x: Any) -> bool:
+    return isinstance(x, PathLeaf)
+
+
 def matches_module(pattern: str, module_path: str) -> bool:
     """True if `pattern` matches a trailing run of whole components of `module_path` (PEFT's suffix rule)."""
     return re.search(rf"(?:^|\.)(?:{pattern})$", module_path) is not None
@@ -34,14 +46,16 @@ def key_name(key: Any) -> str:
 
 
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-    """(dotted path, leaf) for every leaf, in pytree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """(dotted path, leaf) for every leaf (a `PathLeaf` counts as one), in pytree order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_path_leaf)
     return [(".".join(key_name(k) for k in path), leaf) for path, leaf in flat]
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
     """`jax.tree.map` whose function also receives each leaf's dotted path."""
-    return jax.tree_util.tree_map_with_path(lambda p, leaf: fn(".".join(key_name(k) for k in p), leaf), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, leaf: fn(".".join(key_name(k) for k in p), leaf), tree, is_leaf=is_path_leaf
+    )
 
 
 def filter_leaves(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 
 from lora_jax.lora import LoraConfig, merge
 from lora_jax.models.spec import FamilySpec, config_from_hf, config_to_hf, family_of, params_from_hf, params_to_hf
+from lora_jax.quant import quantize_params
 from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def from_pretrained(
     param_dtype: Any = jnp.float32,
     seed: int = 0,
     allow_unexpected: bool = False,
+    quantize: str | None = None,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
@@ -146,7 +148,8 @@ def from_pretrained(
     Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and their
     leaves named in one log line; `seed` picks their init. A checkpoint weight the model has no place for is
     an error naming it, unless `allow_unexpected` (then it is logged and left out). `config_overrides` replace
-    Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`.
+    Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`. `quantize` ("nf4", "int8", "q8_0", "q4_1") holds
+    the frozen kernels quantized (`lora_jax.quant.quantize_params`; heads stay float).
     """
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
@@ -162,6 +165,8 @@ def from_pretrained(
     params, new = params_from_hf(load_state(folder), config, task, seed=seed, allow_unexpected=allow_unexpected)
     if new:
         log.warning("newly initialised: %s", ", ".join(new))
+    if quantize is not None:
+        params = quantize_params(params, quantize)
     return family_of(config).build(config, task), params, load_tokenizer(folder), config
 
 
