@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lora_jax.lora import LoraConfig, merge
+from lora_jax.models import gguf
 from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,14 @@ def from_pretrained(
     seed: int = 0,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
-    """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
+    """(module, params, tokenizer, config) from an HF checkpoint folder, a hub id, or a GGUF file (or its folder).
 
     Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and named
     in one log line; `seed` picks their init. `config_overrides` replace Config fields, e.g.
     `hidden_dropout_prob=0.0, remat=True`.
     """
+    if gguf.find_file(name_or_path) is not None:
+        return gguf.from_pretrained(name_or_path, task, num_labels, dtype, param_dtype, seed, **config_overrides)
     folder = resolve(name_or_path)
     config_file = folder / "config.json"
     if not config_file.exists():
