@@ -210,6 +210,22 @@ def test_config_matches_transformers(tiny):
     assert config["rope_theta"] == 10000.0 and config["rope_scaling"] is None
 
 
+def test_transformers_llama_from_our_config_and_state_equals_its_gguf_loading(tiny):
+    """Our config dict and state, handed to transformers, make the model its own GGUF loader makes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    path = tiny[1]
+    checkpoint = gguf_files.load(path)
+    ours = LlamaForCausalLM(LlamaConfig(**checkpoint.config)).eval()
+    ours.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in checkpoint.state.items()}, strict=not ours.config.tie_word_embeddings
+    )
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    input_ids = torch.tensor([checkpoint.tokenizer("the cat in the house, Hello world!").input_ids])
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(input_ids).logits.numpy(), reference(input_ids).logits.numpy(), atol=1e-6)
+
+
 def assert_same_tokenizer(ours, reference, texts=TEXTS, chat=CHAT):
     for text in texts:
         assert ours(text).input_ids == reference(text).input_ids, text
@@ -326,14 +342,14 @@ def test_smollm2_config(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_state_matches_transformers(smollm2):
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path, checkpoint = smollm2
-    with torch.device("meta"):
-        model = LlamaForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+    with torch.device("meta"):  # only its parameter names are used, to map the file's tensors
+        model = LlamaForCausalLM(LlamaConfig(**checkpoint.config))
     reference = transformers_state(path, model)
     assert sorted(reference) == sorted(checkpoint.state)
-    types = {gguf_files.hf_name(t.name): t.tensor_type.name for t in gguf_files.open_file(path).tensors}
+    types = {gguf_files.hf_name(t.name): t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     worst: dict[str, float] = {}
     for name, value in reference.items():
         assert checkpoint.state[name].shape == value.shape, name

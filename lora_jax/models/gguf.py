@@ -288,10 +288,10 @@ def load_state(
         permute = (lambda rows, h=heads: unpermute_rows(rows, h)) if heads else (lambda rows: rows)
         if keep and tensor.tensor_type not in float_types and keep(name):
             rows = np.asarray(tensor.data).reshape(shape[0], -1)
-            state[name] = GGUFBlocks(tensor.tensor_type.name, np.ascontiguousarray(permute(rows)), shape)
-        else:
+            state[name] = GGUFBlocks(tensor.tensor_type.name, np.array(permute(rows)), shape)
+        else:  # np.array copies: F32 tensors would otherwise be read-only views of the memory-mapped file
             values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            state[name] = np.ascontiguousarray(permute(values), dtype=dtype)
+            state[name] = np.array(permute(values), dtype=dtype)
     missing = [n for n in expected_names(config) if n not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
