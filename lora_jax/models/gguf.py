@@ -57,6 +57,12 @@ class GGUFBlocks:
     data: np.ndarray  # uint8 (rows, bytes per row); rows in HF order (llama.cpp's Q/K permutation undone)
     shape: tuple[int, ...]  # torch shape of the dequantized tensor, (out_features, in_features)
 
+    def dequantize(self, dtype: Any = np.float32) -> np.ndarray:
+        """The float tensor (torch layout), by gguf's own dequantizer."""
+        from gguf import GGMLQuantizationType, dequantize
+
+        return dequantize(self.data, GGMLQuantizationType[self.qtype]).reshape(self.shape).astype(dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class GGUFCheckpoint:
@@ -311,20 +317,54 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     seed: int = 0,
+    keep_quantized: bool = False,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
-    """(module, params, tokenizer, config) from a GGUF file, dequantized: `hub.from_pretrained`'s GGUF branch."""
+    """(module, params, tokenizer, config) from a GGUF file: `hub.from_pretrained`'s GGUF branch.
+
+    Dequantized to `param_dtype`, or with `keep_quantized` every linear kernel the file stores in blocks is a
+    `lora_jax.quant` leaf over those very blocks (no requantization); embeddings and norms are float.
+    """
     from lora_jax.models import hub
 
-    checkpoint = load(path)
-    fam = hub.family(checkpoint.config["model_type"])
-    config = fam.config_from_hf(checkpoint.config, task, num_labels)
+    reader = open_file(path)
+    meta = metadata(reader)
+    hf = load_config(reader, meta)
+    state = load_state(reader, hf, keep_quantized=keep_quantized)
+    blocks = {name: value for name, value in state.items() if isinstance(value, GGUFBlocks)}
+    fam = hub.family(hf["model_type"])
+    config = fam.config_from_hf(hf, task, num_labels)
     valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(config_overrides) - valid)
     if unknown:
         raise TypeError(f"Unknown config overrides {unknown}; valid fields: {sorted(valid)}.")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    params, new = fam.params_from_hf(checkpoint.state, config, task, seed=seed)
+    # the family places and checks every tensor; the kept blocks then replace their float kernels
+    floats = {name: v.dequantize() if name in blocks else v for name, v in state.items()}
+    params, new = fam.params_from_hf(floats, config, task, seed=seed)
     if new:
         log.warning("newly initialised: %s", ", ".join(new))
-    return fam.build(config, task), params, checkpoint.tokenizer, config
+    if blocks:
+        params = with_blocks(params, blocks, param_dtype)
+    return fam.build(config, task), params, load_tokenizer(reader, meta), config
+
+
+def with_blocks(params: Any, blocks: Mapping[str, GGUFBlocks], dtype: Any = jnp.float32) -> Any:
+    """`params` with each kernel whose HF weight is in `blocks` held as a quantized leaf over those blocks."""
+    from lora_jax.models.common import hf_key
+    from lora_jax.quant import from_gguf_blocks
+    from lora_jax.tree import map_with_path
+
+    placed = set()
+
+    def leaf(path: str, value: Any) -> Any:
+        name = hf_key(path) if path.endswith(".kernel") else None
+        if name not in blocks:
+            return value
+        placed.add(name)
+        return from_gguf_blocks(blocks[name].qtype, blocks[name].data, blocks[name].shape, dtype)
+
+    params = map_with_path(leaf, params)
+    if placed != set(blocks):
+        raise ValueError(f"No kernel in the model for GGUF tensors {sorted(set(blocks) - placed)[:3]}.")
+    return params
