@@ -11,7 +11,8 @@ through the same family code as a safetensors checkpoint (`hub.from_pretrained("
 
 llama.cpp's converter permutes the rows of every q_proj/k_proj (its RoPE pairs dimension i with i+1, HF's with
 i+head_dim/2); that permutation is undone here. With `keep_quantized`, linear weights stay in the file's blocks
-(`GGUFBlocks`), rows permuted the same way: a ggml row is a whole number of blocks, so this is exact.
+(`GGUFBlocks`), rows permuted the same way: a ggml row is a whole number of blocks, so this is exact;
+`from_pretrained(..., keep_quantized=True)` makes them `lora_jax.quant` kernels over those very blocks.
 
 Only the `gguf` package and transformers' tokenizer builder are used; torch is never imported.
 """
