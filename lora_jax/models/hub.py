@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lora_jax.lora import LoraConfig, merge
+from lora_jax.models import gguf
 from lora_jax.models.spec import FamilySpec, config_from_hf, config_to_hf, family_of, params_from_hf, params_to_hf
 from lora_jax.quant import quantize_params
 from lora_jax.tree import leaf_paths
@@ -143,31 +144,45 @@ def from_pretrained(
     quantize: str | None = None,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
-    """(module, params, tokenizer, config) from an HF checkpoint folder or hub id.
+    """(module, params, tokenizer, config) from an HF checkpoint folder, a hub id, or a GGUF file (or its folder).
 
     Heads the checkpoint lacks (a classifier on a base model) are initialised as transformers does, and their
     leaves named in one log line; `seed` picks their init. A checkpoint weight the model has no place for is
     an error naming it, unless `allow_unexpected` (then it is logged and left out). `config_overrides` replace
     Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`. `quantize` ("nf4", "int8", "q8_0", "q4_1") holds
-    the frozen kernels quantized (`lora_jax.quant.quantize_params`; heads stay float).
+    the frozen kernels quantized (`lora_jax.quant.quantize_params`; heads stay float); "gguf" keeps a GGUF
+    file's own Q8_0/Q4_1 blocks as they are (no requantization).
     """
-    folder = resolve(name_or_path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"No config.json in {folder}; is it a Hugging Face model folder?")
-    hf = json.loads(config_file.read_text())
+    gguf_file = gguf.find_file(name_or_path)
+    if quantize == "gguf" and gguf_file is None:
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks, but {name_or_path} is no GGUF file; "
+                         "use quantize='nf4', 'int8', 'q8_0' or 'q4_1'.")  # fmt: skip
+    if gguf_file is not None:
+        checkpoint = gguf.load(gguf_file, keep_quantized=quantize == "gguf")
+        hf, state, tokenizer = checkpoint.config, checkpoint.state, checkpoint.tokenizer
+    else:
+        folder = resolve(name_or_path)
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"No config.json in {folder}; is it a Hugging Face model folder?")
+        hf, state, tokenizer = json.loads(config_file.read_text()), load_state(folder), load_tokenizer(folder)
     config = config_from_hf(hf, task, num_labels)
     valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(config_overrides) - valid)
     if unknown:
         raise TypeError(f"Unknown config overrides {unknown}; valid fields: {sorted(valid)}.")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    params, new = params_from_hf(load_state(folder), config, task, seed=seed, allow_unexpected=allow_unexpected)
+    # kept GGUF blocks: the family places and checks their float values, then the blocks replace those kernels
+    blocks = {name: value for name, value in state.items() if isinstance(value, gguf.GGUFBlocks)}
+    floats = {name: value.dequantize() if name in blocks else value for name, value in state.items()}
+    params, new = params_from_hf(floats, config, task, seed=seed, allow_unexpected=allow_unexpected)
     if new:
         log.warning("newly initialised: %s", ", ".join(new))
-    if quantize is not None:
+    if blocks:
+        params = gguf.with_blocks(params, blocks, param_dtype)
+    elif quantize is not None:
         params = quantize_params(params, quantize)
-    return family_of(config).build(config, task), params, load_tokenizer(folder), config
+    return family_of(config).build(config, task), params, tokenizer, config
 
 
 # ------------------------------------------------------------------------------------------------------------
