@@ -73,6 +73,10 @@ class Dense(nn.Module):
         a = self.get_variable("params", LORA_A + suffix).astype(dtype)
         b = self.get_variable("params", LORA_B + suffix).astype(dtype)
         scale = self.get_variable("params", LORA_SCALE + suffix).astype(dtype)
+        if a.ndim == 3:  # one adapter per row (lora_jax.bank.route): row i uses a[i], b[i], scale[i]
+            rows = h.reshape(h.shape[0], -1, h.shape[-1])
+            t = jnp.einsum("bti,bir->btr", rows, a, precision=self.precision) * scale[:, None, None]
+            return jnp.einsum("btr,bro->bto", t, b, precision=self.precision).reshape(*h.shape[:-1], -1)
         # Scale the r-wide intermediate, not the d_out-wide result: same value, fewer multiplies.
         return jnp.dot(jnp.dot(h, a, precision=self.precision) * scale, b, precision=self.precision)
 
