@@ -92,7 +92,8 @@ def _get(tree: Params, module: str) -> Any:
     return tree
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{dotted path: leaf} -> the nested dict (the inverse of leaf_paths on a dict tree)."""
     out: dict[str, Any] = {}
     for path, leaf in flat.items():
         node = out
@@ -160,26 +161,23 @@ def _only_changed(base: Params, extras: Params) -> dict[str, Any]:
         for p, v in leaf_paths(extras)
         if p not in base_leaves or v is not base_leaves[p] and not np.array_equal(v, base_leaves[p])
     }
-    return _nest(keep)
+    return nest(keep)
 
 
-def _slot_leaves(bank: AdapterBank, targets: Mapping[Target, Mapping[str, Any]]) -> dict[str, Any]:
-    """One slot's worth of every stacked leaf: the adapter zero-padded to r_max, zeros where it adapts nothing."""
+def _slot_leaves(bank: AdapterBank, targets: Mapping[Target, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """One slot's worth of every stacked leaf: the adapter zero-padded to r_max, zeros where it adapts nothing.
+    Built on the host (numpy), where O(adapter) work costs no dispatches."""
     out = {}
     for (module, suffix), stacked in targets_of(bank.stack).items():
-        a_shape, b_shape = stacked["a"].shape[1:], stacked["b"].shape[1:]
-        mine = targets.get((module, suffix))
-        if mine is None:
-            a, b, scale = jnp.zeros(a_shape, stacked["a"].dtype), jnp.zeros(b_shape, stacked["b"].dtype), 0.0
-        else:
+        a = np.zeros(stacked["a"].shape[1:], stacked["a"].dtype)
+        b = np.zeros(stacked["b"].shape[1:], stacked["b"].dtype)
+        mine, scale = targets.get((module, suffix)), 0.0
+        if mine is not None:
             r = np.shape(mine["a"])[1]
-            a = jnp.zeros(a_shape, stacked["a"].dtype).at[:, :r].set(jnp.asarray(mine["a"], stacked["a"].dtype))
-            b = jnp.zeros(b_shape, stacked["b"].dtype).at[:r].set(jnp.asarray(mine["b"], stacked["b"].dtype))
-            scale = mine["scale"]
-        out[f"{module}.{LORA_A}{suffix}"] = a
-        out[f"{module}.{LORA_B}{suffix}"] = b
+            a[:, :r], b[:r], scale = np.asarray(mine["a"]), np.asarray(mine["b"]), mine["scale"]
+        out[f"{module}.{LORA_A}{suffix}"], out[f"{module}.{LORA_B}{suffix}"] = a, b
         # reshape: save_adapter's files store the scalar scale as shape (1,)
-        out[f"{module}.{LORA_SCALE}{suffix}"] = jnp.asarray(scale, jnp.float32).reshape(())
+        out[f"{module}.{LORA_SCALE}{suffix}"] = np.asarray(scale, np.float32).reshape(())
     return out
 
 
@@ -187,7 +185,7 @@ def _slot_leaves(bank: AdapterBank, targets: Mapping[Target, Mapping[str, Any]])
 def _write_slot(stack: Params, slot: int, leaves: Mapping[str, jax.Array]) -> Params:
     flat = dict(leaf_paths(stack))
     updated = {p: (flat[p].at[slot].set(leaves[p]) if p in leaves else flat[p]) for p in flat}
-    return _nest(updated)
+    return nest(updated)
 
 
 def _relayout(bank: AdapterBank, targets: Mapping[Target, Mapping[str, Any]], rank: int) -> AdapterBank:
@@ -204,19 +202,18 @@ def _relayout(bank: AdapterBank, targets: Mapping[Target, Mapping[str, Any]], ra
         else:
             new = targets[module, suffix]
             d_in, d_out, slice_index = np.shape(new["a"])[0], np.shape(new["b"])[1], new.get("slice")
-        a = jnp.zeros((capacity, d_in, r_max), dtype)
-        b = jnp.zeros((capacity, r_max, d_out), dtype)
-        scale = jnp.zeros((capacity,), jnp.float32)
+        a = np.zeros((capacity, d_in, r_max), dtype)
+        b = np.zeros((capacity, r_max, d_out), dtype)
+        scale = np.zeros((capacity,), np.float32)
         if prev is not None:
             n, r = prev["a"].shape[0], prev["a"].shape[2]
-            a, b = a.at[:n, :, :r].set(prev["a"]), b.at[:n, :r].set(prev["b"])
-            scale = scale.at[:n].set(prev["scale"])
-        flat[f"{module}.{LORA_A}{suffix}"], flat[f"{module}.{LORA_B}{suffix}"] = a, b
-        flat[f"{module}.{LORA_SCALE}{suffix}"] = scale
+            a[:n, :, :r], b[:n, :r], scale[:n] = np.asarray(prev["a"]), np.asarray(prev["b"]), np.asarray(prev["scale"])
+        flat[f"{module}.{LORA_A}{suffix}"], flat[f"{module}.{LORA_B}{suffix}"] = jnp.asarray(a), jnp.asarray(b)
+        flat[f"{module}.{LORA_SCALE}{suffix}"] = jnp.asarray(scale)
         if suffix:
             flat[f"{module}.{LORA_SLICE}{suffix}"] = jnp.asarray(slice_index, jnp.int32)
     slots = bank.slots + (None,) * (capacity - len(bank.slots))
-    return dataclasses.replace(bank, stack=_nest(flat), slots=slots, r_max=r_max)
+    return dataclasses.replace(bank, stack=nest(flat), slots=slots, r_max=r_max)
 
 
 def load(bank: AdapterBank, name: str, directory: str | os.PathLike, model_type: str | None = None) -> AdapterBank:
@@ -273,7 +270,7 @@ def adapter(bank: AdapterBank, name: str) -> dict[str, Any]:
         flat[f"{module}.{LORA_SCALE}{suffix}"] = bank.stack_leaf(module, LORA_SCALE + suffix)[slot]
         if suffix:
             flat[f"{module}.{LORA_SLICE}{suffix}"] = bank.stack_leaf(module, LORA_SLICE + suffix)
-    return _nest(flat)
+    return nest(flat)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +298,7 @@ def _gather(stack: Params, index: jax.Array) -> dict[str, Any]:
         picked = jnp.take(leaf, safe, axis=0)
         return jnp.where(index >= 0, picked, 0.0) if name.startswith(LORA_SCALE) else picked
 
-    return _nest({p: take(p, leaf) for p, leaf in leaf_paths(stack)})
+    return nest({p: take(p, leaf) for p, leaf in leaf_paths(stack)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,5 +326,5 @@ def switch(bank: AdapterBank, merged: Params, old: str, new: str) -> dict[str, A
 
     difference = combine_adapters([adapter(bank, new), adapter(bank, old)], jnp.array([1.0, -1.0]), "cat")
     heads = {p: v for p, v in leaf_paths(base_for(bank, None)) if _get(bank.extras.get(old, {}), p) is not None}
-    heads = combine(_nest(heads), bank.extras.get(new, {}))
+    heads = combine(nest(heads), bank.extras.get(new, {}))
     return lora.merge(combine(combine(merged, heads), difference))

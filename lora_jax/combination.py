@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.bank import Target, _nest, targets_of
+from lora_jax.bank import Target, nest, targets_of
 from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE, LORA_SLICE, LoraError
 from lora_jax.tree import Params
 
@@ -89,7 +89,7 @@ def combine_adapters(
         out[f"{module}.{LORA_SCALE}{suffix}"] = jnp.ones((), jnp.float32)
         if "slice" in found[0][1]:
             out[f"{module}.{LORA_SLICE}{suffix}"] = found[0][1]["slice"]
-    return _nest(out)
+    return nest(out)
 
 
 def _scaled(x: jax.Array, by: jax.Array) -> jax.Array:

@@ -391,3 +391,67 @@ def test_merge_unmerge_and_switch_are_exact_in_float32(bert):
     print(f"switch(x -> y) - merge(y) max abs {worst:.1e}")
     assert worst <= 1e-6
     assert strip_lora(switched).keys() == params.keys()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training K adapters in one step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_packed_training_equals_separate_runs_and_padding_stays_zero():
+    import optax
+
+    from lora_jax import packed as lp
+    from lora_jax.lora import lora_optimizer, partition, trainable_mask, unpartition
+    from tests.tiny import tiny
+
+    model, params, _ = tiny(width=16)
+    base = params["params"]
+    settings = [  # (config, seed, learning rate): ranks, alphas, targets, seeds and rates all differ
+        (LoraConfig(r=4, alpha=8, targets=("query", "value")), 0, 1e-2),
+        (LoraConfig(r=2, alpha=2, targets=("query", "c_fc.a"), fused={"c_fc": ("a", "b", "c")}), 1, 3e-2),
+        (LoraConfig(r=3, alpha=12, targets=("value", "proj")), 2, 5e-3),
+    ]
+    wrapped = [lora_wrap(base, c, jax.random.key(seed)) for c, seed, _ in settings]
+    k, steps = len(settings), 4
+    xs = jax.random.normal(jax.random.key(9), (k, steps, 3, 5, 16))  # each adapter its own data stream
+    ys = jax.random.normal(jax.random.key(10), (k, steps, 3, 3))
+
+    def loss_fn(p, batch, rng):
+        x, y = batch
+        return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+    packed = lp.pack(base, [lora_params(w) for w in wrapped], [lr for *_, lr in settings], optax.adamw)
+    step = lp.packed_step(loss_fn, optax.adamw)
+    rngs = jax.random.split(jax.random.key(0), k)
+    for t in range(steps):
+        packed, losses = step(packed, (xs[:, t], ys[:, t]), rngs)
+    assert losses.shape == (k,)
+
+    for i, (w, (config, _, lr)) in enumerate(zip(wrapped, settings, strict=True)):
+        tx = lora_optimizer(optax.adamw(lr), w, config)
+        trainable, frozen = partition(w, trainable_mask(w, config))
+        state = tx.init(trainable)
+
+        @jax.jit
+        def alone(trainable, state, x, y, frozen=frozen, tx=tx):
+            grads = jax.grad(lambda tr: loss_fn(unpartition(tr, frozen), (x, y), None))(trainable)
+            updates, state = tx.update(grads, state, trainable)
+            return optax.apply_updates(trainable, updates), state
+
+        for t in range(steps):
+            trainable, state = alone(trainable, state, xs[i, t], ys[i, t])
+        separate = lora_params(unpartition(trainable, frozen))
+        ours = lp.unpack(packed, i, like=separate)
+        for (p, x), (q, y) in zip(leaf_paths(separate), leaf_paths(ours), strict=True):
+            assert p == q
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=TOL, rtol=0, err_msg=p)
+        moved = lora_params(w)
+        assert any(
+            np.abs(np.asarray(x) - np.asarray(y)).max() > 1e-3
+            for (_, x), (_, y) in zip(leaf_paths(separate), leaf_paths(moved), strict=True)
+        )
+    # Padded ranks, and kernels an adapter does not target, stayed exactly zero.
+    for path, leaf in leaf_paths(packed.trainable):
+        mask = dict(leaf_paths(packed.mask))[path]
+        assert not np.asarray(leaf)[np.asarray(mask) == 0].any(), path
