@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,9 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import lora
+from lora_jax.layers import LORA_GROUPS
 from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE, LORA_SLICE, LoraError, is_lora_leaf
 from lora_jax.tree import Params, combine, filter_leaves, leaf_paths
 
+GROUPED_FROM = 128  # tokens per row from which mixed_apply groups rows by adapter instead of gathering per row
 Target = tuple[str, str]  # (module path, slice suffix: '' or '_q')
 
 
@@ -286,6 +288,38 @@ def select(base: Params, stack: Params, slot: jax.Array) -> dict[str, Any]:
 def route(base: Params, stack: Params, adapter_ids: jax.Array) -> dict[str, Any]:
     """Params whose LoRA leaves carry a leading batch axis: row i uses slot adapter_ids[i] (-1: the bare base)."""
     return combine(base, _gather(stack, jnp.asarray(adapter_ids, jnp.int32)))
+
+
+def route_grouped(base: Params, stack: Params, adapter_ids: jax.Array) -> tuple[dict[str, Any], jax.Array]:
+    """(params, order) for rows sorted by adapter: run the model on `rows[order]`; `layers.Dense` then applies
+    each adapter once to its group's tokens (`jax.lax.ragged_dot`) from the stack itself, with no per-row copy.
+    Undo the order on the outputs with `outputs[jnp.argsort(order)]`. Id -1 rows form a group of scale 0."""
+    ids = jnp.asarray(adapter_ids, jnp.int32) + 1  # group 0: the bare base
+    order = jnp.argsort(ids, stable=True)
+    flat: dict[str, Any] = {}
+    for path, leaf in leaf_paths(stack):
+        module, name = path.rsplit(".", 1)
+        if not name.startswith(LORA_SLICE):
+            leaf = jnp.concatenate([jnp.zeros_like(leaf[:1]), leaf])
+            flat[f"{module}.{LORA_GROUPS}"] = jnp.bincount(ids, length=leaf.shape[0]).astype(jnp.int32)
+        flat[path] = leaf
+    return combine(base, nest(flat)), order
+
+
+def mixed_apply(apply: Callable[..., Any], base: Params, stack: Params, adapter_ids: jax.Array, *rows: jax.Array):
+    """`apply(params, *rows)` with row i through slot adapter_ids[i] (-1: the bare base); outputs keep row order.
+
+    Picks by shape: rows of fewer than GROUPED_FROM tokens (decoding, short classification inputs) gather each
+    row's A/B (`route`), whose copies cost (d_in + d_out) x r_max per row and no reordering; longer rows are
+    sorted into adapter groups (`route_grouped`), which reads each adapter once however many rows use it and pays
+    one permutation of the inputs and outputs instead.
+    """
+    if rows[0].ndim < 2 or rows[0].shape[1] < GROUPED_FROM:
+        return apply(route(base, stack, adapter_ids), *rows)
+    params, order = route_grouped(base, stack, adapter_ids)
+    out = apply(params, *(r[order] for r in rows))
+    inverse = jnp.argsort(order)
+    return jax.tree.map(lambda x: x[inverse] if getattr(x, "ndim", 0) and x.shape[0] == len(order) else x, out)
 
 
 def _gather(stack: Params, index: jax.Array) -> dict[str, Any]:

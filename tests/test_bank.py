@@ -457,3 +457,20 @@ def test_packed_training_equals_separate_runs_and_padding_stays_zero():
     for path, leaf in leaf_paths(packed.trainable):
         mask = dict(leaf_paths(packed.mask))[path]
         assert not np.asarray(leaf)[np.asarray(mask) == 0].any(), path
+
+
+def test_grouped_rows_equal_gathered_rows(monkeypatch):
+    """route_grouped (rows sorted into adapter groups, ragged_dot) gives what route (per-row gather) gives."""
+    module, params, bank = gpt2_bank()
+    ids, mask = batch(rows=len(ROW_IDS), length=9, seed=3)
+    apply = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m)["logits"])
+    gathered = np.asarray(lb.mixed_apply(apply, bank.base, bank.stack, jnp.array(ROW_IDS), ids, mask))
+    monkeypatch.setattr(lb, "GROUPED_FROM", 1)  # 9-token rows now take the grouped path
+    grouped = np.asarray(lb.mixed_apply(apply, bank.base, bank.stack, jnp.array(ROW_IDS), ids, mask))
+    params_grouped, order = lb.route_grouped(bank.base, bank.stack, jnp.array(ROW_IDS))
+    assert params_grouped["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_a_q"].shape[0] == len(bank.slots) + 1
+    assert list(np.asarray(jnp.array(ROW_IDS)[order])) == sorted(ROW_IDS)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(grouped[real], gathered[real], atol=TOL, rtol=0)
+    alone = rows_alone(module, params, bank, ids, mask, out_key="logits")
+    np.testing.assert_allclose(grouped[real], alone[real], atol=TOL, rtol=0)
