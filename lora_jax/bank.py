@@ -15,8 +15,9 @@ kernel), and the next call compiles once for the new shapes.
 Mixed batches: `route` gathers each row's A, B and scale (scale 0 for id -1, the bare base), giving LoRA leaves
 with a leading batch axis that `layers.Dense` applies row by row (a batched einsum). Gathering copies
 (d_in + d_out) x r_max per row and kernel, which is below the activations' own (tokens x d) once a row holds
-r_max or more tokens, and costs no sort or regrouping of rows; it is the one path here for every shape (grouping
-rows by adapter with `jax.lax.ragged_dot` is not implemented). Mixed batches share the base's non-LoRA leaves:
+r_max or more tokens, and costs no sort or regrouping of rows. `route_grouped` instead sorts rows into adapter
+groups and applies each adapter once to its group (`jax.lax.ragged_dot`); `mixed_apply` picks between them by
+shape and backend (see there). Mixed batches share the base's non-LoRA leaves:
 an adapter's own head (`train_also`) is used by `base_for`, i.e. when that one adapter is active.
 
 The bank itself is a small immutable container; every operation returns a new one and the functions that run
@@ -309,12 +310,13 @@ def route_grouped(base: Params, stack: Params, adapter_ids: jax.Array) -> tuple[
 def mixed_apply(apply: Callable[..., Any], base: Params, stack: Params, adapter_ids: jax.Array, *rows: jax.Array):
     """`apply(params, *rows)` with row i through slot adapter_ids[i] (-1: the bare base); outputs keep row order.
 
-    Picks by shape: rows of fewer than GROUPED_FROM tokens (decoding, short classification inputs) gather each
-    row's A/B (`route`), whose copies cost (d_in + d_out) x r_max per row and no reordering; longer rows are
-    sorted into adapter groups (`route_grouped`), which reads each adapter once however many rows use it and pays
-    one permutation of the inputs and outputs instead.
+    Picks by shape and backend: per-row gather (`route`) for rows of fewer than GROUPED_FROM tokens (decoding,
+    short classification inputs), whose A/B copies cost (d_in + d_out) x r_max per row and no reordering; rows
+    of GROUPED_FROM tokens or more on an accelerator are sorted into adapter groups (`route_grouped`), which
+    reads each adapter once however many rows use it and pays one permutation of inputs and outputs. On CPU it
+    always gathers: XLA:CPU runs ragged_dot far slower than the batched einsum (tens of times at 128 tokens).
     """
-    if rows[0].ndim < 2 or rows[0].shape[1] < GROUPED_FROM:
+    if jax.default_backend() == "cpu" or rows[0].ndim < 2 or rows[0].shape[1] < GROUPED_FROM:
         return apply(route(base, stack, adapter_ids), *rows)
     params, order = route_grouped(base, stack, adapter_ids)
     out = apply(params, *(r[order] for r in rows))

@@ -465,7 +465,8 @@ def test_grouped_rows_equal_gathered_rows(monkeypatch):
     ids, mask = batch(rows=len(ROW_IDS), length=9, seed=3)
     apply = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m)["logits"])
     gathered = np.asarray(lb.mixed_apply(apply, bank.base, bank.stack, jnp.array(ROW_IDS), ids, mask))
-    monkeypatch.setattr(lb, "GROUPED_FROM", 1)  # 9-token rows now take the grouped path
+    monkeypatch.setattr(lb, "GROUPED_FROM", 1)  # 9-token rows now take the grouped path (off CPU)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     grouped = np.asarray(lb.mixed_apply(apply, bank.base, bank.stack, jnp.array(ROW_IDS), ids, mask))
     params_grouped, order = lb.route_grouped(bank.base, bank.stack, jnp.array(ROW_IDS))
     assert params_grouped["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_a_q"].shape[0] == len(bank.slots) + 1
