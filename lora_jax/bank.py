@@ -17,8 +17,10 @@ with a leading batch axis that `layers.Dense` applies row by row (a batched eins
 (d_in + d_out) x r_max per row and kernel, which is below the activations' own (tokens x d) once a row holds
 r_max or more tokens, and costs no sort or regrouping of rows. `route_grouped` instead sorts rows into adapter
 groups and applies each adapter once to its group (`jax.lax.ragged_dot`); `mixed_apply` picks between them by
-shape and backend (see there). Mixed batches share the base's non-LoRA leaves:
-an adapter's own head (`train_also`) is used by `base_for`, i.e. when that one adapter is active.
+shape and backend (see there). Mixed batches share the base's non-LoRA leaves: an adapter's own head
+(`train_also`) is used by `base_for`, i.e. when that one adapter is active. Both need every adapted Dense to see
+inputs with the batch axis first, so DeBERTa with share_att_key (its key/query kernels also project the
+relative-position table) cannot take mixed batches.
 
 The bank itself is a small immutable container; every operation returns a new one and the functions that run
 under jit (`select`, `route`) are pure over (base, stack, ids).
