@@ -20,6 +20,7 @@ from lora_jax import quant
 from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE
 
 Dtype = Any
+LORA_GROUPS = "lora_groups"  # rows per adapter group, beside stacked A/B (lora_jax.bank.route_grouped)
 Initializer = Callable[..., jax.Array]
 
 
@@ -84,6 +85,16 @@ class Dense(nn.Module):
         a = self.get_variable("params", LORA_A + suffix).astype(dtype)
         b = self.get_variable("params", LORA_B + suffix).astype(dtype)
         scale = self.get_variable("params", LORA_SCALE + suffix).astype(dtype)
+        if a.ndim == 3 and self._has(LORA_GROUPS):  # rows sorted by adapter (lora_jax.bank.route_grouped)
+            tokens = h.reshape(-1, h.shape[-1])
+            sizes = self.get_variable("params", LORA_GROUPS) * (tokens.shape[0] // h.shape[0])
+            t = jax.lax.ragged_dot(tokens, a, sizes, precision=self.precision)
+            t = t * jnp.repeat(scale, sizes, total_repeat_length=tokens.shape[0])[:, None]
+            return jax.lax.ragged_dot(t, b, sizes, precision=self.precision).reshape(*h.shape[:-1], -1)
+        if a.ndim == 3:  # one adapter per row (lora_jax.bank.route): row i uses a[i], b[i], scale[i]
+            rows = h.reshape(h.shape[0], -1, h.shape[-1])
+            t = jnp.einsum("bti,bir->btr", rows, a, precision=self.precision) * scale[:, None, None]
+            return jnp.einsum("btr,bro->bto", t, b, precision=self.precision).reshape(*h.shape[:-1], -1)
         # Scale the r-wide intermediate, not the d_out-wide result: same value, fewer multiplies.
         return jnp.dot(jnp.dot(h, a, precision=self.precision) * scale, b, precision=self.precision)
 
