@@ -115,8 +115,8 @@ def test_lora_config_expands_paper_names():
 
 
 def test_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"^Unsupported model_type 'llama'; lora_jax supports \["):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(ValueError, match=r"^Unsupported model_type 'mamba'; lora_jax supports \["):
         hub.from_pretrained(tmp_path)
 
 

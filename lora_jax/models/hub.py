@@ -165,13 +165,15 @@ def from_pretrained(
         config_file = folder / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"No config.json in {folder}; is it a Hugging Face model folder?")
-        hf, state, tokenizer = json.loads(config_file.read_text()), load_state(folder), load_tokenizer(folder)
-    config = config_from_hf(hf, task, num_labels)
+        hf, state, tokenizer = json.loads(config_file.read_text()), None, None
+    config = config_from_hf(hf, task, num_labels)  # an unsupported model_type fails here, before any weight loads
     valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(config_overrides) - valid)
     if unknown:
         raise TypeError(f"Unknown config overrides {unknown}; valid fields: {sorted(valid)}.")
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    if gguf_file is None:
+        state, tokenizer = load_state(folder), load_tokenizer(folder)
     # kept GGUF blocks: the family places and checks their float values, then the blocks replace those kernels
     blocks = {name: value for name, value in state.items() if isinstance(value, gguf.GGUFBlocks)}
     floats = {name: value.dequantize() if name in blocks else value for name, value in state.items()}
