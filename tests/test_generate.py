@@ -5,6 +5,8 @@ early stopping; the sampling filters against transformers' own logits warpers.""
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from lora_jax import generate as cli
 from lora_jax.models import generate as decoding
 from lora_jax.models import gpt2, hub, llama
 
@@ -34,6 +37,10 @@ CONFIGS = {
         pad_token_id=PAD,
     ),  # fmt: skip
 }
+# .ci/run exports LORA_JAX_GPT2_TOKENIZER; the default is the shared folder beside the checkout.
+GPT2_TOKENIZER = os.environ.get(
+    "LORA_JAX_GPT2_TOKENIZER", str(Path(__file__).resolve().parents[2] / "shared" / "models" / "gpt2-tokenizer")
+)
 FAMILY = {"gpt2": gpt2, "llama": llama}
 
 
@@ -176,3 +183,31 @@ def test_bad_arguments_are_refused_with_a_fix(models):
         decoding.generate(lm, params, ids, max_new_tokens=8, do_sample=True, top_p=0.0, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="causal-lm"):
         llama.causal_lm(llama.build(llama.Config(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4), "base"))
+
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_command_line_chats_through_the_template(tmp_path, capsys):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    tokenizer.chat_template = CHAT
+    config = transformers.LlamaConfig(**{**CONFIGS["llama"].to_dict(), "vocab_size": len(tokenizer)})
+    config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    answers = cli.main([str(tmp_path), "--prompt", "Hello there", "--prompt", "Hi", "--chat", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.splitlines() == [a.strip() for a in answers]
+
+    module, params, _, _ = hub.from_pretrained(tmp_path, task="causal-lm")
+    text = "<|user|>Hello there\n<|assistant|>"
+    ids = tokenizer(text, return_tensors="np")["input_ids"]
+    tokens = decoding.generate(
+        llama.causal_lm(module), params, ids, max_new_tokens=5, eos_token_id=tokenizer.eos_token_id
+    )
+    assert answers[0] == tokenizer.decode(np.asarray(tokens)[0], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="no chat template"):
+        cli.prompt_texts(transformers.AutoTokenizer.from_pretrained(GPT2_TOKENIZER), ["x"], True, None)
