@@ -43,8 +43,8 @@ class CausalLM:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """The static part of a decode: what changes the compiled program."""
+class Plan:
+    """The static part of a decode: what changes the compiled program (eos: any number of ids)."""
 
     max_new_tokens: int
     eos: tuple[int, ...]
@@ -110,11 +110,17 @@ def _decode(
     _check(lm, input_ids.shape[1], max_new_tokens, num_beams, do_sample, rng, early_stopping, top_p, temperature)
     eos = () if eos_token_id is None else tuple(int(e) for e in _as_list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    plan = _Plan(max_new_tokens, eos, int(pad), do_sample, num_beams, int(no_repeat_ngram_size), early_stopping)
-    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, length_penalty=length_penalty)
-    knobs = {k: jnp.asarray(v, jnp.int32 if k == "top_k" else jnp.float32) for k, v in knobs.items()}
+    plan = Plan(max_new_tokens, eos, int(pad), do_sample, num_beams, int(no_repeat_ngram_size), early_stopping)
     key = jax.random.key(0) if rng is None else rng
-    return _run(lm, plan, params, input_ids, mask, knobs, key)
+    return _run(lm, plan, params, input_ids, mask, decode_knobs(temperature, top_k, top_p, length_penalty), key)
+
+
+def decode_knobs(
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length_penalty: float = 1.0
+) -> dict[str, jax.Array]:
+    """The traced part of a decode: trying other values does not recompile."""
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, length_penalty=length_penalty)
+    return {k: jnp.asarray(v, jnp.int32 if k == "top_k" else jnp.float32) for k, v in values.items()}
 
 
 def _as_list(value: int | Sequence[int]) -> list[int]:
@@ -144,7 +150,7 @@ def _left_align(input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Ar
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _run(lm: CausalLM, plan: _Plan, params, input_ids, attention_mask, knobs, key):
+def _run(lm: CausalLM, plan: Plan, params, input_ids, attention_mask, knobs, key):
     input_ids, attention_mask = _left_align(input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
     total = prompt_len + plan.max_new_tokens
@@ -154,16 +160,35 @@ def _run(lm: CausalLM, plan: _Plan, params, input_ids, attention_mask, knobs, ke
     logits, cache = lm.logits(params, input_ids, positions, lm.init_cache(batch, total), cache_mask, 0)
     # The whole sequence, prompt included, as transformers keeps it: no-repeat-ngram looks at the prompt too.
     sequence = jnp.concatenate([input_ids, jnp.full((batch, plan.max_new_tokens), plan.pad, jnp.int32)], axis=1)
-    k = plan.num_beams
-    if k > 1:  # every beam starts from the same prefill
-        cache, cache_mask, positions = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), (cache, cache_mask, positions))
+    cache_mask, positions = (jnp.repeat(x, plan.num_beams, axis=0) for x in (cache_mask, positions))
 
     def step(tokens, cache, index):
         pos = positions[:, -1] + 1 + (index - prompt_len)
         return lm.logits(params, tokens[:, None], pos[:, None], cache, cache_mask, index)
 
-    if k == 1:
+    return search(plan, knobs, step, logits, cache, sequence, prompt_len, key)
+
+
+def search(
+    plan: Plan,
+    knobs: Mapping[str, jax.Array],
+    step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]],
+    logits: jax.Array,
+    cache: Any,
+    sequence: jax.Array,
+    prompt_len: int,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The decoding loop after the prefill, for any model (encoder-decoders too: seq2seq_generate).
+
+    step(tokens (rows,), cache, slot) -> (float32 logits (rows, vocab), cache) feeds one token per row at
+    cache slot `slot`; rows = batch * num_beams. `logits` and `cache` come from the prefill of the batch (one
+    row per prompt; beams copy them), `sequence` (batch, prompt_len + max_new_tokens) holds the prompt then
+    pad. Returns (tokens (batch, max_new_tokens), beam scores (batch,) or None without beams).
+    """
+    if plan.num_beams == 1:
         return _greedy_or_sample(plan, knobs, step, logits, cache, sequence, prompt_len, key), None
+    cache, logits = jax.tree.map(lambda x: jnp.repeat(x, plan.num_beams, axis=0), (cache, logits))
     return _beams(plan, knobs["length_penalty"], step, logits, cache, sequence, prompt_len)
 
 
@@ -211,7 +236,7 @@ def _is_eos(token: jax.Array, eos: tuple[int, ...]) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _greedy_or_sample(plan: _Plan, knobs, step, logits, cache, sequence, prompt_len, key) -> jax.Array:
+def _greedy_or_sample(plan: Plan, knobs, step, logits, cache, sequence, prompt_len, key) -> jax.Array:
     batch = sequence.shape[0]
 
     def keep_going(state):
@@ -261,7 +286,7 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index.reshape(*index.shape, *([1] * (x.ndim - 2))), axis=1)
 
 
-def _beams(plan: _Plan, length_penalty, step, logits, cache, sequence, prompt_len):
+def _beams(plan: Plan, length_penalty, step, logits, cache, sequence, prompt_len):
     batch, total = sequence.shape
     k, steps = plan.num_beams, plan.max_new_tokens
     candidates = max(2, 1 + len(plan.eos)) * k
@@ -327,7 +352,6 @@ def _beams(plan: _Plan, length_penalty, step, logits, cache, sequence, prompt_le
         hits=jnp.zeros((batch, candidates), bool),
         cache=cache,
     )
-    logits = jnp.repeat(logits, k, axis=0)
     _, state = jax.lax.while_loop(keep_going, one_step, (jnp.int32(1), advance(state, logits, 0)))
     # Unwritten slots hold pad, so whatever follows a finished beam's eos is already pad.
     return state.finished[:, 0, prompt_len:], state.finished_scores[:, 0]
