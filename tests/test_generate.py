@@ -123,7 +123,8 @@ def test_beam_search_matches_transformers(models, kind, beams, length_penalty, n
     theirs, their_scores = _hf(model, ids, mask, do_sample=False, eos_token_id=eos, **kw)
     ours, scores = decoding.beam_search(lm, params, ids, mask, eos_token_id=eos, pad_token_id=PAD, **kw)
     _same_tokens(ours, theirs)
-    assert (np.asarray(ours) == eos).any()  # some beam ended on eos: finished-beam bookkeeping is exercised
+    if length_penalty <= 1.0:  # a short finished beam wins: the finished-beam bookkeeping is exercised
+        assert (np.asarray(ours) == eos).any()
     np.testing.assert_allclose(np.asarray(scores), their_scores, atol=1e-4, rtol=0)
     if kind == "gpt2":  # without an eos every beam ends at the length limit
         np.testing.assert_array_equal(decoding.generate(lm, params, ids, mask, pad_token_id=PAD, **kw), free)
