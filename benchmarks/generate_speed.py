@@ -69,7 +69,7 @@ def main() -> None:
     torch_s = min(_timed(torch_run) for _ in range(args.repeats))
     tokens = args.batch * args.max_new_tokens
     print(json.dumps({
-        "model": os.path.basename(os.path.normpath(args.model)), **vars(args), "load_1min": os.getloadavg()[0],
+        **vars(args), "model": os.path.basename(os.path.normpath(args.model)), "load_1min": os.getloadavg()[0],
         "jax_compile_s": round(compile_s, 2), "jax_tokens_per_s": round(tokens / jax_s, 1),
         "torch_tokens_per_s": round(tokens / torch_s, 1), "speedup": round(torch_s / jax_s, 2),
         "same_tokens": bool(np.array_equal(ours, theirs)), "torch_threads": torch.get_num_threads(),
