@@ -1,4 +1,4 @@
-"""The LoRA-aware Dense layer every lora_jax model is built from, and the Dropout and LayerNorm they all use.
+"""The LoRA-aware Dense layer every lora_jax model is built from, and the Dropout and norms they all use.
 
 Without LoRA leaves it is exactly `flax.linen.Dense`. When `lora_wrap` has put `lora_a`/`lora_b`/`lora_scale`
 beside its kernel, it adds scale * (dropout(x) @ A) @ B: two thin matmuls, never the d_in x d_out product W + AB,
@@ -162,3 +162,28 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, 
     variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
     y = centred * jax.lax.rsqrt(variance + epsilon)
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis (Llama, Qwen2, Mistral): `scale * x / rms(x)`, no centring, no
+    bias. Statistics in float32, the normalised input cast to `dtype` before the scale, as LlamaRMSNorm does.
+
+    Lean backward pass as `LayerNorm`: only the input is kept, the statistics are recomputed.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale)
+        return rms_norm(x, scale, self.epsilon, jnp.dtype(dtype))
+
+
+@partial(jax.checkpoint, static_argnums=(2, 3))
+def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + epsilon)
+    return y.astype(dtype) * scale.astype(dtype)

@@ -35,6 +35,10 @@ _T5 = dict(
     vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
     relative_attention_max_distance=12, decoder_start_token_id=0, pad_token_id=0,
 )  # fmt: skip
+_LLAMA = dict(
+    vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=40, num_labels=3, pad_token_id=0, tie_word_embeddings=True,
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,10 @@ TINY = {
         "seq2seq-lm",
         "block.1.layer.1.DenseReluDense.wo",
     ),
+    # grouped-query attention, untied head; qwen2 adds q/k/v biases, mistral a head_dim of its own
+    "llama": Tiny({**_LLAMA, "tie_word_embeddings": False}, "causal-lm", "layers.1.mlp.down_proj"),
+    "qwen2": Tiny({**_LLAMA, "use_sliding_window": False}, CLS, "layers.1.mlp.down_proj"),
+    "mistral": Tiny({**_LLAMA, "head_dim": 16, "sliding_window": None}, "causal-lm", "layers.1.mlp.up_proj"),
 }
 
 

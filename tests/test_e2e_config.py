@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lora_jax.lora import count_params, lora_wrap
-from lora_jax.models import gpt2, hub
+from lora_jax.models import gpt2, hub, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE11 = yaml.safe_load((ROOT / "paper_tables" / "paper_numbers.yaml").read_text())["table11"]["e2e"]
@@ -50,7 +50,7 @@ def test_trainable_counts_from_the_configs_without_allocating_weights(name: str)
     torch = pytest.importorskip("torch")
     exp = _exp(name)
     hf_config = transformers.GPT2Config(**ARCHITECTURES[name])
-    config = gpt2.config_from_hf(hf_config.to_dict(), "causal-lm")
+    config = spec.config_from_hf(hf_config.to_dict(), "causal-lm")
     module = gpt2.build(config, "causal-lm")
     lora = hub.lora_config("gpt2", tuple(exp["lora"]["targets"]), r=exp["lora"]["r"], alpha=exp["lora"]["alpha"],
                            dropout=exp["lora"]["dropout"])  # fmt: skip

@@ -110,8 +110,8 @@ def test_lora_config_expands_paper_names():
     config = hub.lora_config("roberta", ["q", "v", "dense"], r=4)
     assert isinstance(config, LoraConfig) and config.r == 4
     assert config.targets == (r"attention\.self\.query", r"attention\.self\.value", "dense")
-    with pytest.raises(ValueError, match="Unsupported model_type 'llama'"):
-        hub.lora_config("llama")
+    with pytest.raises(ValueError, match="Unsupported model_type 'falcon'"):
+        hub.lora_config("falcon")
 
 
 def test_unsupported_model_type(tmp_path):

@@ -1,4 +1,4 @@
-"""The ops whose backward pass keeps only their input (LayerNorm, activations, masked softmax): same values and
+"""The ops whose backward pass keeps only their input (LayerNorm, RMSNorm, activations, masked softmax): same values and
 gradients as the plain formulas / torch, and what they keep for the backward pass really is just the input."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from jax.ad_checkpoint import print_saved_residuals
 
-from lora_jax.layers import LayerNorm
+from lora_jax.layers import LayerNorm, RMSNorm
 from lora_jax.models.common import ACTIVATIONS, masked_softmax
 
 SHAPE = (4, 16, 32)
@@ -65,6 +65,30 @@ def test_layer_norm_keeps_only_its_input(capsys):
     assert _saved(lambda x: LayerNorm(1e-5).apply({"params": params}, x), x, capsys=capsys) == []
     plain = lambda x: jax.nn.standardize(x, axis=-1, epsilon=1e-5) * params["scale"] + params["bias"]  # noqa: E731
     assert len([s for s in _saved(plain, x, capsys=capsys) if "[4,16,32]" in s]) >= 2  # what it saves us
+
+
+def test_rms_norm_matches_transformers_llama_values_and_gradients(capsys):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = _x()
+    params = {"scale": _ln_params(SHAPE[-1])["scale"]}
+    cotangent = jax.random.normal(jax.random.key(1), SHAPE)
+    norm = lambda p, x: RMSNorm(1e-6).apply({"params": p}, x)  # noqa: E731
+    grads, dx = jax.grad(lambda p, x: jnp.sum(norm(p, x) * cotangent), argnums=(0, 1))(params, x)
+
+    ref = LlamaRMSNorm(SHAPE[-1], eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(np.asarray(params["scale"])))
+    tx = torch.tensor(np.asarray(x), requires_grad=True)
+    ty = ref(tx)
+    (ty * torch.tensor(np.asarray(cotangent))).sum().backward()
+
+    np.testing.assert_allclose(norm(params, x), ty.detach().numpy(), atol=2e-6)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), atol=2e-5)
+    np.testing.assert_allclose(grads["scale"], ref.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    assert _saved(lambda x: norm(params, x), x, capsys=capsys) == []
+    y16 = RMSNorm(1e-6, dtype=jnp.bfloat16).apply({"params": params}, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_new", "quick_gelu", "silu"])

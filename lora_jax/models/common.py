@@ -1,5 +1,6 @@
-"""What every model family's architecture shares: activations, layer factories, the numbered layer stack, masked
-softmax, attention and the KV cache. (Checkpoint and config.json conversion is lora_jax.models.spec.)
+"""What every model family's architecture shares: activations, layer factories, the numbered layer stacks (plain
+and KV-cached), masked softmax, attention with any number of key/value heads, rotary positions and the KV cache.
+(Checkpoint and config.json conversion is lora_jax.models.spec.)
 
 Each family file (bert.py, gpt2.py, ...) keeps what makes its architecture itself; anything here is the same
 logic in all of them, so a fix lands once.
@@ -8,15 +9,17 @@ logic in all of them, so a fix lands once.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lora_jax.layers import Dense, LayerNorm
+from lora_jax.layers import Dense, LayerNorm, RMSNorm
 
 # transformers' ACT2FN names -> functions. HF "gelu" is the exact erf form; the "new"/"tanh"/"fast" names are the
 # tanh approximation. Each is checkpointed on its own: the backward pass keeps its input and recomputes the rest,
@@ -60,6 +63,11 @@ def layer_norm(config: Any, epsilon: float, name: str) -> LayerNorm:
     return LayerNorm(epsilon, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), name=name)
 
 
+def rms_norm(config: Any, epsilon: float, name: str) -> RMSNorm:
+    """RMSNorm in the config's dtypes (float32 statistics; lean backward pass: layers.RMSNorm)."""
+    return RMSNorm(epsilon, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), name=name)
+
+
 # What a layer keeps for the backward pass under each `remat` setting (False: everything; True: only its input).
 REMAT_POLICIES = {
     # Keep the outputs of the weight matmuls; recompute attention's batched matmuls and the elementwise work.
@@ -99,6 +107,28 @@ class Layers(nn.Module):
         return x
 
 
+class CachedLayers(nn.Module):
+    """`num_layers` blocks `block(config, i)` named "0", "1", ..., each reading and writing its own entry of a KV
+    cache (a list with one entry per layer, or None when not decoding).
+
+    Called as (x, cache, *args, deterministic) -> (x, cache); each block maps (x, kv, *args, deterministic) ->
+    (x, kv), where kv is its layer's cache entry or None.
+    """
+
+    block: Callable[..., nn.Module]
+    config: Any
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x, cache, *args):
+        block = maybe_remat(self.block, self.config.remat, len(args) + 2)
+        new_cache = []
+        for i in range(self.num_layers):
+            x, kv = block(self.config, i, name=str(i))(x, None if cache is None else cache[i], *args)
+            new_cache.append(kv)
+        return x, (None if cache is None else new_cache)
+
+
 @partial(jax.checkpoint, static_argnums=(2,))
 def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
     """softmax over keys in float32 (bf16 logits lose the small differences), cast to `dtype`.
@@ -112,19 +142,76 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
 
 
 def attention_scores(q: jax.Array, k: jax.Array, preferred_element_type: Any = jnp.float32) -> jax.Array:
-    """Per-head q.k for (batch, length, heads, head_dim) inputs -> (batch, heads, q_len, k_len).
+    """Per-head q.k for q (batch, length, heads, head_dim), k (batch, length, kv_heads, head_dim) -> (batch,
+    heads, q_len, k_len).
 
+    kv_heads < heads is grouped-query attention (Ainslie et al. 2023): query head i reads key head
+    i // (heads / kv_heads), as transformers' repeat_kv, without materialising the repeated keys.
     Computed on head-major operands: XLA:CPU's batched matmul runs 2-3x faster on (b, h, t, d) than on (b, t, h, d)
     (RoBERTa-base 8x128, one layer's attention forward + backward 14.5 -> 11 ms)."""
-    return jnp.einsum(
-        "bhqd,bhkd->bhqk", q.swapaxes(1, 2), k.swapaxes(1, 2), preferred_element_type=preferred_element_type
-    )
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads == kv_heads:
+        return jnp.einsum(
+            "bhqd,bhkd->bhqk", q.swapaxes(1, 2), k.swapaxes(1, 2), preferred_element_type=preferred_element_type
+        )
+    batch, length, _, dim = q.shape
+    grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", grouped, k.swapaxes(1, 2), preferred_element_type=preferred_element_type)
+    return scores.reshape(batch, heads, length, k.shape[1])
 
 
 def attend(probs: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention weights (batch, heads, q_len, k_len) applied to values (batch, k_len, heads, head_dim) ->
-    (batch, q_len, heads, head_dim), head-major inside as `attention_scores`."""
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v.swapaxes(1, 2)).swapaxes(1, 2)
+    """Attention weights (batch, heads, q_len, k_len) applied to values (batch, k_len, kv_heads, head_dim) ->
+    (batch, q_len, heads, head_dim), head-major and grouped as `attention_scores`."""
+    batch, heads, length, keys = probs.shape
+    kv_heads = v.shape[2]
+    if heads == kv_heads:
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, v.swapaxes(1, 2)).swapaxes(1, 2)
+    grouped = probs.reshape(batch, kv_heads, heads // kv_heads, length, keys)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", grouped, v.swapaxes(1, 2))
+    return out.reshape(batch, heads, length, v.shape[-1]).swapaxes(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (Su et al. 2021), as transformers' Llama computes them
+# ------------------------------------------------------------------------------------------------------------
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The (head_dim / 2,) float32 inverse frequencies theta^(-2i/d), rescaled as `scaling` says.
+
+    `scaling` is config.json's rope_scaling (or rope_parameters): `linear` divides every frequency by `factor`;
+    `llama3` (Llama 3.1) divides the low frequencies by `factor`, keeps the high ones and interpolates between.
+    """
+    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; use one of {list(ROPE_TYPES)} or none.")
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        context = float(scaling["original_max_position_embeddings"])
+        wavelength = 2 * math.pi / inv_freq
+        scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= context / high) & (wavelength <= context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x (batch, length, heads, head_dim) rotated by its positions (batch, length): the rotate-half form, where
+    dimension i pairs with i + head_dim / 2. Angles in float32, as transformers; the rotation in x's dtype."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
 
 
 # ------------------------------------------------------------------------------------------------------------

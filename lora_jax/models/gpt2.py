@@ -7,7 +7,8 @@ stores every projection as a Conv1D whose weight is already (d_in, d_out), so ke
 `c_attn` is a `Dense` with slices ('q', 'k', 'v'): LoRA can adapt the q and v thirds on their own, as the
 paper did with loralib's MergedLinear.
 
-`generate` (lora_jax.models.causal_generate) is greedy decoding over the fixed-size KV cache of `init_cache`.
+`generate` decodes (greedy, sampling, beam search: lora_jax.models.generate) over the fixed-size KV cache of
+`init_cache`; `causal_lm(module)` is what that code needs from a GPT-2.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.models.causal_generate import generate  # noqa: F401  (re-exported: gpt2.generate)
+from lora_jax.models import generate as decoding
 from lora_jax.models.common import (
     ACTIVATIONS,
+    CachedLayers,
     attend,
     attention_scores,
     causal_cache_mask,
@@ -33,7 +35,6 @@ from lora_jax.models.common import (
     empty_cache,
     layer_norm,
     masked_softmax,
-    maybe_remat,
     write_cache,
 )
 from lora_jax.models.spec import FamilySpec, ModelConfig
@@ -155,30 +156,13 @@ class Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, kv: dict | None, cache_index):
+    def __call__(self, x, kv: dict | None, mask, cache_index, deterministic: bool):
         h, kv = Attention(self.config, self.layer_idx, name="attn")(
             _layer_norm(self.config, "ln_1")(x), mask, deterministic, kv, cache_index
         )
         x = x + h
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
         return x, kv
-
-
-class Layers(nn.Module):
-    """The stack `h`, its blocks named 0..n_layer-1 so param paths read as HF's `h.3.attn.c_attn`."""
-
-    config: Config
-
-    @nn.compact
-    def __call__(self, x, mask, deterministic: bool, cache: Cache | None, cache_index):
-        block = maybe_remat(Block, self.config.remat, deterministic_argnum=3)
-        new_cache = []
-        for i in range(self.config.n_layer):
-            x, kv = block(self.config, i, name=str(i))(
-                x, mask, deterministic, None if cache is None else cache[i], cache_index
-            )
-            new_cache.append(kv)
-        return x, (None if cache is None else new_cache)
 
 
 class GPT2Model(nn.Module):
@@ -196,7 +180,7 @@ class GPT2Model(nn.Module):
         self.wte = embed(cfg.vocab_size)
         self.wpe = embed(cfg.n_positions)
         self.drop = Dropout(cfg.embd_pdrop)
-        self.h = Layers(cfg)
+        self.h = CachedLayers(Block, cfg, cfg.n_layer)  # blocks h.0 .. h.<n_layer - 1>, as HF
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, deterministic, cache, cache_index):
@@ -208,7 +192,7 @@ class GPT2Model(nn.Module):
         if token_type_ids is not None:  # HF embeds token types with the token table
             x = x + self.wte(token_type_ids)
         x = self.drop(x, deterministic=deterministic)
-        x, cache = self.h(x, mask, deterministic, cache, cache_index)
+        x, cache = self.h(x, cache, mask, cache_index, deterministic)
         return self.ln_f(x), cache
 
 
@@ -216,7 +200,8 @@ class GPT2(nn.Module):
     """GPT-2 with the head of `task`; returns {"last_hidden_state", "logits" (if a head), "cache" (if given)}.
 
     With `cache` (from `init_cache`), the call writes its keys/values at slots cache_index.. and
-    `attention_mask` covers the whole cache, shape (batch, max_length).
+    `attention_mask` covers the whole cache, shape (batch, max_length). `last_logits_only` (decoding) computes
+    the LM head's logits for the last position only.
     """
 
     config: Config
@@ -232,6 +217,7 @@ class GPT2(nn.Module):
         position_ids: jax.Array | None = None,
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
+        last_logits_only: bool = False,
     ) -> dict[str, Any]:
         cfg = self.config
         transformer = GPT2Model(cfg, name="transformer")
@@ -242,7 +228,7 @@ class GPT2(nn.Module):
         if cache is not None:
             out["cache"] = cache
         if self.task == "causal-lm":
-            out["logits"] = transformer.wte.attend(hidden)
+            out["logits"] = transformer.wte.attend(hidden[:, -1:] if last_logits_only else hidden)
         elif self.task == "sequence-classification":
             # HF pools the rightmost token that is not pad_token_id; without one we use the attention mask.
             if cfg.pad_token_id is not None:
@@ -267,6 +253,23 @@ class GPT2(nn.Module):
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
     """An empty KV cache of fixed size, in the compute dtype."""
     return empty_cache(config.n_layer, batch_size, max_length, config.n_head, config.head_dim, config.dtype)
+
+
+@functools.cache
+def causal_lm(module: GPT2) -> decoding.CausalLM:
+    """What lora_jax.models.generate needs: logits, cache, the n_positions limit (cached: one per module, so
+    its compiled decoders are reused)."""
+    if module.task != "causal-lm":
+        raise ValueError(f"generate needs a causal-lm model, got task {module.task!r}; build(config, 'causal-lm').")
+    config = module.config
+    return decoding.CausalLM(
+        decoding.module_logits(module), functools.partial(init_cache, config), config.n_positions, "n_positions"
+    )
+
+
+def generate(module: GPT2, params: Mapping[str, Any], input_ids: jax.Array, *args: Any, **kw: Any) -> jax.Array:
+    """`lora_jax.models.generate.generate` for a GPT-2 module (same arguments after the params)."""
+    return decoding.generate(causal_lm(module), params, input_ids, *args, **kw)
 
 
 SPEC = FamilySpec(

@@ -39,6 +39,9 @@ FAMILIES = {
     "t5": "lora_jax.models.t5",
     "mt5": "lora_jax.models.t5",
     "distilbert": "lora_jax.models.distilbert",
+    "llama": "lora_jax.models.llama",
+    "qwen2": "lora_jax.models.llama",
+    "mistral": "lora_jax.models.llama",
 }
 
 WEIGHTS = "model.safetensors"
