@@ -65,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         tokenizer.pad_token_id = pad
     # A chat template already starts with the special tokens it wants.
     batch = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=not args.chat)
+    family = hub.family_of(config)
+    if family.causal_lm is None:
+        raise ValueError(f"{args.model} is a {family.name} model, which does not decode as a causal LM; use a decoder.")
     tokens = generate(
-        hub.family_of(config).causal_lm(module), params, batch["input_ids"], batch["attention_mask"],
+        family.causal_lm(module), params, batch["input_ids"], batch["attention_mask"],
         max_new_tokens=args.max_new_tokens, eos_token_id=sorted(eos) or None, pad_token_id=pad,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams, length_penalty=args.length_penalty,

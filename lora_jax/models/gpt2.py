@@ -287,5 +287,6 @@ SPEC = FamilySpec(
     tied={"lm_head.weight": "transformer.wte.weight"},
     read_config=_read_config,
     write_config=lambda config, task, hf: {**hf, "tie_word_embeddings": True},
+    causal_lm=causal_lm,
 )
 build = SPEC.build

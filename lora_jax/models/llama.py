@@ -326,5 +326,6 @@ SPEC = FamilySpec(
     tied={"lm_head.weight": "model.embed_tokens.weight"},
     read_config=_read_config,
     write_config=_write_config,
+    causal_lm=causal_lm,
 )
 build = SPEC.build

@@ -88,6 +88,8 @@ class FamilySpec:
     read_config: (config.json dict, Config field values) -> field values; the family's own rules.
     write_config: (config, task, config.json dict) -> config.json dict; the family's own rules.
     init_inputs: how many (batch, length) int arrays `build(...).init` takes to trace the param shapes.
+    causal_lm: module -> the `lora_jax.models.generate.CausalLM` a decoder-only family decodes with; None
+        for families that do not decode that way.
     """
 
     name: str
@@ -107,6 +109,7 @@ class FamilySpec:
     read_config: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]] | None = None
     write_config: Callable[[Any, str, dict[str, Any]], dict[str, Any]] | None = None
     init_inputs: int = 1
+    causal_lm: Callable[[nn.Module], Any] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
