@@ -313,7 +313,7 @@ def load_state(
 
 def with_blocks(params: Any, blocks: Mapping[str, GGUFBlocks], dtype: Any = jnp.float32) -> Any:
     """`params` with each kernel whose HF weight is in `blocks` held as a quantized leaf over those blocks."""
-    from lora_jax.models.common import hf_key
+    from lora_jax.models.spec import hf_key
     from lora_jax.quant import from_gguf_blocks
     from lora_jax.tree import map_with_path
 
