@@ -43,6 +43,8 @@ TEXT_TASKS: dict[str, GlueTask] = {
     ),
 }  # fmt: skip
 HUB_NAMES = {"rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes"}
+# A folder in the hub's parquet layout (<split>/*.parquet) that a registered task reads when no data.dir is given.
+DIR_ENVS = {"rotten_tomatoes": "LORA_JAX_ROTTEN_TOMATOES_DIR"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -252,6 +254,12 @@ def load_text(
         file = _local_file(folder, split)
         if file is None:
             raise FileNotFoundError(f"No {split}{{{','.join(EXTENSIONS)}}} in {folder}; is data.dir right?")
+    env_dir = os.environ.get(DIR_ENVS.get(spec.name, ""), "")
+    if file is None and source != "hub" and env_dir:
+        parquet = sorted((Path(env_dir) / split).glob("*.parquet"))
+        if not parquet:
+            raise FileNotFoundError(f"No {split}/*.parquet in {env_dir}; is {DIR_ENVS[spec.name]} right?")
+        file = parquet[0]
     if file is not None:
         table, where = read_table(file), str(file)
     elif spec.name in HUB_NAMES and source != "local":
