@@ -110,7 +110,7 @@ def test_non_utf8_file_names_the_file_and_the_fix(tmp_path):
         lambda: text.load_text(text.file_task(path, label_names="ab"), "train", file=path),
     ):
         with pytest.raises(
-            ValueError, match=r"train.csv is not UTF-8 text \(byte 0xe9 at offset 14\); re-save it as UTF-8"
+            ValueError, match=r"train.csv is not UTF-8 text \(it holds byte 0xe9\); re-save it as UTF-8"
         ) as e:
             call()
         assert str(path) in str(e.value) and "\n" not in str(e.value)

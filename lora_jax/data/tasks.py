@@ -117,7 +117,7 @@ def read_table(path: str | os.PathLike, names: Sequence[str] | None = None) -> T
             table = _read_delimited(path, suffix, names)
     except UnicodeDecodeError as e:
         raise ValueError(
-            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); re-save it as UTF-8, "
+            f"{path} is not UTF-8 text (it holds byte 0x{e.object[e.start]:02x}); re-save it as UTF-8, "
             f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}"
         ) from None
     if not any(table.values()):
