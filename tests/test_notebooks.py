@@ -20,6 +20,8 @@ pytest.importorskip("ipykernel")
 plt_image = pytest.importorskip("matplotlib.image")
 import nbformat  # noqa: E402 (installed with nbclient)
 
+pytestmark = pytest.mark.slow  # executes the notebooks in a Jupyter kernel
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 

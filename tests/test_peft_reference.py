@@ -25,6 +25,8 @@ from lora_jax.train import TrainConfig, linear_schedule, method_mask
 from lora_jax.tree import leaf_paths
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 
+pytestmark = pytest.mark.slow  # peft_reference.py and run.py in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # 48 rows / batch 8 x 2 epochs
 

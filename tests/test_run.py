@@ -18,6 +18,8 @@ import pytest
 from lora_jax.logging import read_jsonl
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 
+pytestmark = pytest.mark.slow  # run.py in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -118,6 +118,7 @@ def test_regression_tasks_are_refused_in_one_line(tiny_t5):
         text_to_text_metrics(glue.get_task("stsb"), tokenizer)
 
 
+@pytest.mark.slow
 def test_run_py_fine_tunes_t5_text_to_text_with_lora(tiny_t5, tiny_glue, tmp_path):
     args = [
         f"model.name_or_path={tiny_t5}", f"data.dir={tiny_glue}", f"results_dir={tmp_path}", "task=mrpc",

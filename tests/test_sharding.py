@@ -8,6 +8,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from lora_jax.data.batching import eval_batches
@@ -41,6 +42,7 @@ def test_place_batch_single_device() -> None:
         assert value.sharding.spec == jax.sharding.PartitionSpec("data")
 
 
+@pytest.mark.slow
 def test_place_batch_splits_rows_over_devices() -> None:
     """Four fake CPU devices (a fresh process: the device count is fixed when jax starts)."""
     script = textwrap.dedent(

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # the table scripts in subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,10 @@
-"""Text tasks beyond GLUE: your own csv/tsv/jsonl/parquet files, rotten_tomatoes (hub mocked), the dispatch."""
+"""Text tasks beyond GLUE: your own csv/tsv/jsonl/parquet files, rotten_tomatoes (hub mocked, and the real copy),
+the errors a new user meets, the dispatch."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,14 @@ def test_regression_labels_and_missing_labels(tmp_path):
     assert spec.is_regression and spec.main_metric == "pearson"
     np.testing.assert_array_equal(text.load_text(spec, "train", file=path).labels, np.array([4.5, -1.0], np.float32))
 
+    # A missing score is NaN in every source (GLUE's STS-B test split too): -1 is a score like any other.
+    unscored = write(tmp_path / "test.csv", {"text": ["a", "b"], "score": ["", "-1"]})
+    test_spec = text.file_task(path, label_column="score", regression=True, has_test=True)
+    np.testing.assert_array_equal(text.load_text(test_spec, "test", file=unscored).unlabelled, [True, False])
+    # A test file may lack the label column altogether.
+    no_labels = write(tmp_path / "no_labels.jsonl", {"text": ["a", "b"]})
+    assert text.load_text(test_spec, "test", file=no_labels).unlabelled.all()
+
     gaps = write(tmp_path / "gaps.csv", {"text": ["a", "b", "c"], "label": ["1", "", "0"]})
     spec = text.file_task(gaps, has_test=True)
     with pytest.raises(ValueError, match="1 rows have no label"):
@@ -92,11 +102,46 @@ def test_bad_label_value_names_the_row(tmp_path):
         text.file_task(write(tmp_path / "one.csv", {"text": ["a"], "label": ["x"]}))
 
 
+def test_non_utf8_file_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("text,label\ncaf\xe9 cr\xe8me,1\n".encode("latin-1"))  # Excel's "CSV" on Windows
+    for call in (
+        lambda: text.file_task(path),
+        lambda: text.load_text(text.file_task(path, label_names="ab"), "train", file=path),
+    ):
+        with pytest.raises(
+            ValueError, match=r"train.csv is not UTF-8 text \(it holds byte 0xe9\); re-save it as UTF-8"
+        ) as e:
+            call()
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["text,label\n", ""])
+def test_empty_train_file_says_it_has_no_rows(tmp_path, content):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=r"train.csv (has no data rows|is empty); add") as e:
+        text.file_task(path)  # infers label names: the first read of the file
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no data rows"):
+        text.file_task(write(tmp_path / "train.parquet", {"text": [], "label": []}))
+    with pytest.raises(ValueError, match="label column is blank in every row; fill it in or set data.label_names"):
+        text.file_task(write(tmp_path / "blank.csv", {"text": ["a", "b"], "label": ["", ""]}))
+
+
+def test_bad_jsonl_line_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", label: 0}\n')
+    with pytest.raises(ValueError, match="train.jsonl: line 2 is not JSON"):
+        text.read_table(path)
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """datasets.load_dataset answering like the hub's rotten_tomatoes (ClassLabel neg/pos); records its calls."""
     import datasets
 
+    monkeypatch.delenv(text.SOURCES["rotten_tomatoes"].dir_env, raising=False)  # CI points it at the real copy
     calls = []
     rows = {"train": (["a gem .", "a mess ."], [1, 0]), "validation": (["fine ."], [1]), "test": (["ok ."], [0])}
 
@@ -125,6 +170,8 @@ def test_rotten_tomatoes_from_the_hub(fake_hub):
 def test_hub_failure_says_what_to_do(monkeypatch):
     import datasets
 
+    monkeypatch.delenv(text.SOURCES["rotten_tomatoes"].dir_env, raising=False)
+
     def offline(*a, **kw):
         raise OSError("no network")
 
@@ -147,6 +194,44 @@ def test_rotten_tomatoes_from_a_local_folder(tmp_path, fake_hub):
     assert fake_hub == []
     with pytest.raises(ValueError, match="no split 'dev'"):
         text.load_text("rotten_tomatoes", "dev", tmp_path)
+
+
+def test_rotten_tomatoes_in_the_hubs_parquet_layout(tmp_path, monkeypatch, fake_hub):
+    """$LORA_JAX_ROTTEN_TOMATOES_DIR (or data.dir/rotten_tomatoes) holding <split>/*.parquet, shards in order."""
+    (tmp_path / "train").mkdir()
+    write(tmp_path / "train" / "0001.parquet", {"text": ["second ."], "label": [0]})
+    write(tmp_path / "train" / "0000.parquet", {"text": ["first ."], "label": [1]})
+    monkeypatch.setenv(text.SOURCES["rotten_tomatoes"].dir_env, str(tmp_path))
+    rows = text.load_text("rotten_tomatoes", "train", data_dir="/a/glue/dir")  # data.dir without the task: skipped
+    assert rows.text_a == ["first .", "second ."] and rows.labels.tolist() == [1, 0]
+    with pytest.raises(FileNotFoundError, match=r"No validation.* in .*; pass data.dir=.* or set LORA_JAX_ROTTEN"):
+        text.load_text("rotten_tomatoes", "validation")
+    monkeypatch.delenv(text.SOURCES["rotten_tomatoes"].dir_env)
+    (tmp_path / "rotten_tomatoes").mkdir()
+    (tmp_path / "train").rename(tmp_path / "rotten_tomatoes" / "train")
+    assert text.load_text("rotten_tomatoes", "train", data_dir=tmp_path).text_a == ["first .", "second ."]
+    assert fake_hub == []
+
+
+REAL_ROTTEN_TOMATOES = os.environ.get("LORA_JAX_ROTTEN_TOMATOES_DIR")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_ROTTEN_TOMATOES, reason="LORA_JAX_ROTTEN_TOMATOES_DIR unset (no offline copy)")
+def test_real_rotten_tomatoes_splits_and_first_rows():
+    """The offline copy reads as the hub's dataset: split sizes, positives first, first rows as its docs show."""
+    first = {
+        "train": "the rock is destined to be the 21st century's new \" conan \" and that he's going to make a splash "
+        "even greater than arnold schwarzenegger , jean-claud van damme or steven segal .",
+        "validation": "compassionately explores the seemingly irreconcilable situation between conservative christian "
+        "parents and their estranged gay and lesbian children .",
+    }
+    for split, n in {"train": 8530, "validation": 1066, "test": 1066}.items():
+        rows = text.load_split(text.task_from_config("rotten_tomatoes", {}), split, {"dir": None})
+        assert len(rows) == n and rows.text_b is None and rows.labels.dtype == np.int32
+        np.testing.assert_array_equal(rows.labels, np.repeat([1, 0], n // 2))  # pos[:i] + neg[:i], as the script
+        if split in first:
+            assert rows.text_a[0] == first[split]
 
 
 def test_task_from_config_dispatches(tmp_path, fake_hub):

@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 
 from lora_jax.logging import read_jsonl
 
+pytestmark = pytest.mark.slow  # searches: each test trains several runs, most in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog sat ran on under mat rug big small red blue quickly slowly".split()
 GOOD = {"optim.lr": 1e-2, "lora.r": 4, "target_set": "qv", "lora.dropout": 0.1}
@@ -84,7 +86,7 @@ def search_config(folder: Path, trials: int, first: list[dict], **tune) -> Path:
     return folder
 
 
-def script(name: str, tiny_bert: Path, tiny_sst2: Path, results: Path, conf: Path, *extra: str):
+def script(name: str, tiny_bert: Path, tiny_sst2: Path, results: Path, conf: Path, *extra: str, timeout: int = 600):
     args = [
         f"hydra.searchpath=[file://{conf}]", "+hparams_search=tiny",
         f"model.name_or_path={tiny_bert}", f"data.dir={tiny_sst2}", f"results_dir={results}", "task=sst2",
@@ -93,7 +95,7 @@ def script(name: str, tiny_bert: Path, tiny_sst2: Path, results: Path, conf: Pat
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -157,25 +159,49 @@ def test_hydra_optuna_sweeper_maximises_what_run_py_returns(tiny_bert, tiny_sst2
     assert set(result.best_params) == {"optim.lr", "lora.r", "target_set", "lora.dropout"}
 
 
+def asha_epochs(values_in_order: list[list[float]], milestones: tuple[int, ...], rf: int) -> list[int]:
+    """How many epochs each trial trains under ASHA's rule when trials run one after another: at each milestone a
+    trial stops if its value is below the (1 - 1/rf) percentile of the values earlier trials had there."""
+    recorded: dict[int, list[float]] = {m: [] for m in milestones}
+    epochs = []
+    for values in values_in_order:
+        trained = len(values)
+        for epoch, value in enumerate(values, start=1):
+            if epoch in recorded:
+                seen = recorded[epoch]
+                recorded[epoch] = [*seen, value]
+                if seen and value < np.percentile(seen, (1 - 1 / rf) * 100):
+                    trained = epoch
+                    break
+        epochs.append(trained)
+    return epochs
+
+
 def test_ray_tune_asha_stops_trials_early(tiny_bert, tiny_sst2, tmp_path):
-    """Two learning trials run side by side first (2 CPUs, 1 each); the two lr 1e-6 trials start only when one
-    of them ends, so at epoch 1 they meet two ~0.9 results and ASHA (keep the top half) must stop them."""
+    """Three trials one at a time (one that learns, then two at lr 1e-6), so what ASHA saw before each decision is
+    the earlier trials' epoch values, not whichever trial happened to run faster. Its decisions must be ASHA's rule
+    applied to those values (rungs at epochs 1 and 2, keep the top half), and that rule stops both hopeless trials."""
     pytest.importorskip("ray")
-    good2 = {**GOOD, "lora.dropout": 0.2}
-    bad2 = {**BAD, "lora.dropout": 0.2}
+    order = [GOOD, BAD, {**BAD, "lora.dropout": 0.2}]
     conf = search_config(
-        tmp_path / "conf", 4, [GOOD, good2, BAD, bad2], grace_period=1, reduction_factor=2,
-        cpus_per_trial=1, num_cpus=2, max_concurrent=2,
+        tmp_path / "conf", 3, order, grace_period=1, reduction_factor=2,
+        cpus_per_trial=1, num_cpus=1, max_concurrent=1,
     )  # fmt: skip
-    done = script("tune.py", tiny_bert, tiny_sst2, tmp_path / "results", conf, "optim.epochs=3")
+    done = script("tune.py", tiny_bert, tiny_sst2, tmp_path / "results", conf, timeout=1200)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     out = tmp_path / "results" / "default" / "sst2" / "tune" / "ray"
     trials = json.loads((out / "trials.json").read_text())
-    by_lr = sorted(trials, key=lambda t: t["params"]["optim.lr"])
-    assert [t["error"] for t in trials] == [None] * 4
-    assert [t["stopped_early"] for t in by_lr[:2]] == [True, True]
-    assert all(t["epochs"] < 3 for t in by_lr[:2])
+    assert [t["error"] for t in trials] == [None] * 3
+    key = lambda params: (params["optim.lr"], params["lora.dropout"])  # noqa: E731
+    by_order = sorted(trials, key=lambda t: [key(p) for p in order].index(key(t["params"])))
+    trained = [t["epochs"] for t in by_order]
+    # Each stopped trial's history ends at the epoch ASHA stopped it; a finished one holds both epochs.
+    assert trained == [len(t["epoch_values"]) for t in by_order]
+    # ASHA's decision on a value is final: replaying its rule on the recorded values gives the same stops.
+    assert trained == asha_epochs([t["epoch_values"] for t in by_order], milestones=(1, 2), rf=2)
+    assert trained == [2, 1, 1]  # the hopeless trials go at the first rung
+    assert [t["stopped_early"] for t in by_order] == [False, True, True]
     best = json.loads((out / "best_config.json").read_text())
     assert best["params"]["optim.lr"] == 1e-2 and best["metric"] == "accuracy"
     assert best["value"] == max(max(t["epoch_values"]) for t in trials)
-    print([(t["params"]["optim.lr"], t["params"]["lora.dropout"], t["epoch_values"]) for t in trials])
+    print([(key(t["params"]), t["epoch_values"]) for t in by_order])

@@ -1,16 +1,17 @@
 """Datasets, tokenising, batching and metrics. Knows nothing about models beyond a tokenizer."""
 
 from lora_jax.data.batching import default_buckets, epoch_batches, eval_batches, num_batches
-from lora_jax.data.glue import GLUE_DIR_ENV, TASKS, GlueSplit, GlueTask, get_task, load_glue, tokenize
+from lora_jax.data.glue import GLUE_DIR_ENV, TASKS, get_task, load_glue
 from lora_jax.data.metrics import glue_metrics, main_metric, predictions_from_logits
+from lora_jax.data.tasks import ClassificationTask, TextSplit, read_table, tokenize
 from lora_jax.data.text import TEXT_TASKS, file_task, load_split, load_text, task_from_config
 
 __all__ = [
     "GLUE_DIR_ENV",
     "TASKS",
     "TEXT_TASKS",
-    "GlueSplit",
-    "GlueTask",
+    "ClassificationTask",
+    "TextSplit",
     "default_buckets",
     "epoch_batches",
     "eval_batches",
@@ -23,6 +24,7 @@ __all__ = [
     "main_metric",
     "num_batches",
     "predictions_from_logits",
+    "read_table",
     "task_from_config",
     "tokenize",
 ]

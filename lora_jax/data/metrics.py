@@ -12,6 +12,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from lora_jax.data.glue import get_task
+from lora_jax.data.tasks import ClassificationTask
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda pred, gold: skm.accuracy_score(gold, pred),
@@ -23,12 +24,12 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def main_metric(task: str) -> str:
+def main_metric(task: str | ClassificationTask) -> str:
     """The number Table 2 of the paper shows: MCC for CoLA, Pearson for STS-B, accuracy otherwise."""
     return get_task(task).main_metric
 
 
-def predictions_from_logits(task: str, logits: np.ndarray) -> np.ndarray:
+def predictions_from_logits(task: str | ClassificationTask, logits: np.ndarray) -> np.ndarray:
     """Class ids (argmax), or the raw score for regression (logits of shape (n,) or (n, 1))."""
     logits = np.asarray(logits)
     if get_task(task).is_regression:
@@ -37,7 +38,7 @@ def predictions_from_logits(task: str, logits: np.ndarray) -> np.ndarray:
 
 
 def glue_metrics(
-    task: str, predictions: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+    task: str | ClassificationTask, predictions: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
 ) -> dict[str, float]:
     """The task's metrics over rows with weight > 0 (padding rows from batching carry weight 0)."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
