@@ -7,7 +7,8 @@ How a model family plugs in (one file, `lora_jax/models/<family>.py`, plus its l
                                             "q", "k", "v", "o" (attention output), "mlp" (both FFN kernels)
     FUSED: dict[str, tuple[str, ...]]       fused kernels and their slice names (GPT-2: {"c_attn": ("q","k","v")})
     Config                                  frozen dataclass; always has dtype (compute), param_dtype,
-                                            lora_dropout, remat, and the HF hyper-parameters it needs
+                                            remat, and the HF hyper-parameters it needs (LoRA dropout
+                                            is LoraConfig's, read from the adapter's leaves)
     config_from_hf(hf: dict, task: str, num_labels: int | None) -> Config
     config_to_hf(config: Config, task: str) -> dict                  a config.json transformers can load
     build(config: Config, task: str) -> flax.linen.Module

@@ -73,7 +73,6 @@ class Config:
     num_labels: int = 2
     dtype: Any = jnp.float32  # compute
     param_dtype: Any = jnp.float32
-    lora_dropout: float = 0.0
     remat: bool | str = False  # recompute each layer's activations in the backward pass: memory for ~30% time
 
     @property

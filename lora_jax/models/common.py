@@ -39,7 +39,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
 }
 ACTIVATIONS = {name: jax.checkpoint(fn) for name, fn in _ACTIVATIONS.items()}
-NOT_HF = ("dtype", "param_dtype", "lora_dropout", "remat")  # Config fields of ours, not of config.json
+NOT_HF = ("dtype", "param_dtype", "remat")  # Config fields of ours, not of config.json
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -85,7 +85,6 @@ def dense(config: Any, features: int, name: str, std: float, use_bias: bool = Tr
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
         kernel_init=nn.initializers.normal(std),
-        lora_dropout=config.lora_dropout,
         name=name,
         **kwargs,
     )

@@ -91,7 +91,6 @@ class Config:
     num_labels: int = 2
     dtype: Any = "float32"  # compute dtype
     param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
     remat: bool | str = False
 
     def __post_init__(self) -> None:

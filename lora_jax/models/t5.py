@@ -96,7 +96,6 @@ class Config:
     decoder_start_token_id: int = 0
     dtype: Any = "float32"  # compute
     param_dtype: Any = "float32"
-    lora_dropout: float = 0.0
     remat: bool | str = False
 
     def __post_init__(self) -> None:
