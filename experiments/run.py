@@ -23,13 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lora_jax.experiment import SCHEMAS, register_resolvers, run
+from lora_jax.experiment import register_resolvers, run, store_schemas
 from lora_jax.lora import LoraError
 from lora_jax.train import TrainingDiverged
 
 register_resolvers()
-for group, node in SCHEMAS.items():  # conf/<group>/*.yaml extend these: `defaults: [schema, _self_]`
-    ConfigStore.instance().store(group=group, name="schema", node=node)
+store_schemas(ConfigStore.instance())  # conf/<group>/*.yaml extend these: `defaults: [schema, _self_]`
 
 __all__ = ["best_or_exit", "main", "run"]
 

@@ -3,7 +3,8 @@
 The schema of each config group is generated from the library's dataclasses (`TrainConfig` -> `optim`,
 `LoraConfig` -> `lora`), so the command line accepts exactly their fields, with their types and defaults:
 `conf/optim/adamw.yaml` and `conf/lora/qv.yaml` only extend these schemas, and nothing is copied field by field.
-The entry points register `SCHEMAS` with Hydra's ConfigStore (the library never imports Hydra).
+Entry points (and anything composing conf/ with Hydra's compose API) call `store_schemas(ConfigStore.instance())`
+first; the library itself never imports Hydra.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ class DataSchema:
 
 
 SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "model": ModelSchema, "data": DataSchema}  # group -> node
+
+
+def store_schemas(config_store: Any) -> None:
+    """Register SCHEMAS as `<group>/schema` (what conf/<group>/*.yaml extend) in Hydra's ConfigStore, passed in
+    by the caller so the library needs no Hydra: `store_schemas(ConfigStore.instance())`."""
+    for group, node in SCHEMAS.items():
+        config_store.store(group=group, name="schema", node=node)
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
