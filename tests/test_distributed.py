@@ -42,14 +42,14 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
         "lora.dropout=0.1", "progress=false", "compilation_cache=null",
     ]  # fmt: skip
     single = launch([*common, f"out_dir={tmp_path / 'single'}"], devices=4)
-    out, err = single.communicate(timeout=600)
+    out, err = single.communicate(timeout=1500)
     assert single.returncode == 0, err[-3000:]
 
     port = free_port()
     cluster = [f"out_dir={tmp_path / 'multi'}", "distributed=true", f"cluster.coordinator_address=127.0.0.1:{port}",
                "cluster.num_processes=2"]  # fmt: skip
     procs = [launch([*common, *cluster, f"cluster.process_id={i}"], devices=2) for i in range(2)]
-    results = [p.communicate(timeout=600) for p in procs]
+    results = [p.communicate(timeout=1500) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
 
