@@ -56,7 +56,7 @@ def group_runs(summaries: list[dict[str, Any]]) -> list[Group]:
     return [Group(*key, tuple(sorted(runs, key=lambda r: r["seed"]))) for key, runs in sorted(groups.items())]
 
 
-@hydra.main(config_path="../conf", config_name="aggregate", version_base=None)
+@hydra.main(config_path="../conf/scripts", config_name="aggregate", version_base=None)
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "exp"):
         sys.exit("usage: python experiments/aggregate.py exp=<name> [results_dir=results]")

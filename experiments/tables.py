@@ -283,7 +283,7 @@ def figures_page(results_dir: Path, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-@hydra.main(config_path="../conf", config_name="tables", version_base=None)
+@hydra.main(config_path="../conf/scripts", config_name="tables", version_base=None)
 def main(cfg: DictConfig) -> None:
     results_dir = Path(cfg.results_dir or ROOT / "results")
     out_dir = Path(cfg.out or ROOT / "paper_tables")
