@@ -1,6 +1,6 @@
 """One lora_jax measurement per process: the matmul peak, a training step (LoRA or full), or inference latency.
 
-The training step is lora_jax.train's own: `make_steps` + `make_optimizer` + `method_mask` + `partition`, jitted
+The training step is lora_jax.train's own: `make_steps` + `make_optimizer` + `lora.trainable_mask` + `partition`, jitted
 over the same one-axis mesh with the same output shardings and the same donation as `train()`.
 """
 
@@ -103,24 +103,21 @@ def train(spec: Spec) -> dict[str, Any]:
     prepared = lj_train.prepare(module, params, config, num_labels=2, total_micro_steps=10_000, mesh=mesh,
                                 lora_config=lcfg)  # fmt: skip
     del params
-    jitted, trainable, frozen, opt_state = prepared.train_step, prepared.trainable, prepared.frozen, prepared.opt_state
+    jitted, frozen = prepared.train_step, prepared.frozen
+    trainable = prepared.state.trainable
     step_fn = jitted.__wrapped__
     batch = sharding.place_batch(random_batch(spec.model_shape, spec.batch, spec.seq), mesh)
     n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(int(np.size(x)) for x in jax.tree.leaves(frozen))
 
-    state = {"trainable": trainable, "opt_state": opt_state, "step": 0}
-    del trainable, opt_state
+    state = {"train": prepared.state}
+    del trainable, prepared
     losses = []
 
     def one_step() -> None:
-        # As the real loop: a fresh step number (new dropout masks) and float(loss), which waits for the step.
-        s = state
-        s["trainable"], s["opt_state"], loss = jitted(
-            s["trainable"], s["opt_state"], frozen, batch, jnp.asarray(s["step"], jnp.int32)
-        )
+        # A fresh step number (new dropout masks) and float(loss), which waits for the step.
+        state["train"], loss = jitted(state["train"], frozen, batch)
         losses.append(float(loss))
-        s["step"] += 1
 
     rss_setup = current_rss_mb()
     with warnings.catch_warnings(record=True) as caught:

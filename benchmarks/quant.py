@@ -97,7 +97,7 @@ def _lora_jax_step(run: Run):
     mesh = sharding.make_mesh()
     prepared = lj_train.prepare(module, params, config, 0, 10_000, mesh, lora)
     batch = sharding.place_batch(_batch(run), mesh)
-    return prepared.train_step, prepared.trainable, prepared.opt_state, prepared.frozen, batch
+    return prepared.train_step, prepared.state, prepared.frozen, batch
 
 
 def _qwix_step(run: Run):
@@ -120,27 +120,26 @@ def _qwix_step(run: Run):
     tx = lj_train.make_optimizer(config, 10_000)
     step, _ = lj_train.make_steps(model, tx, 0, 0)
     mesh = sharding.make_mesh()
-    return jax.jit(step, donate_argnums=(0, 1)), trainable, tx.init(trainable), frozen, \
-        sharding.place_batch(_batch(run), mesh)  # fmt: skip
+    state = lj_train.TrainState(trainable, tx.init(trainable), jax.numpy.zeros((), jax.numpy.int32))
+    return jax.jit(step, donate_argnums=(0,)), state, frozen, sharding.place_batch(_batch(run), mesh)
 
 
 def measure(run: Run) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from benchmarks.common import current_rss_mb, peak_rss_mb, reset_peak_rss, summarise
     from lora_jax import quant
 
     build = _qwix_step if run.config.startswith("qwix/") else _lora_jax_step
-    step, trainable, opt_state, frozen, batch = build(run)
+    step, initial, frozen, batch = build(run)
     base_mb = quant.base_bytes(frozen) / 2**20
-    n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
-    state = [trainable, opt_state]
-    del trainable, opt_state
+    n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(initial.trainable))
+    state = [initial]
+    del initial
 
     def one(i: int) -> float:
-        state[0], state[1], loss = step(state[0], state[1], frozen, batch, jnp.asarray(i, jnp.int32))
+        state[0], loss = step(state[0], frozen, batch)
         return float(loss)
 
     tick = time.perf_counter()
@@ -153,7 +152,7 @@ def measure(run: Run) -> dict[str, Any]:
         tick = time.perf_counter()
         losses.append(one(run.warmup + i))
         times.append(time.perf_counter() - tick)
-    mem = step.lower(state[0], state[1], frozen, batch, jnp.asarray(0, jnp.int32)).compile().memory_analysis()
+    mem = step.lower(state[0], frozen, batch).compile().memory_analysis()
     xla = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**20  # fmt: skip
     return {

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
 
 @dataclasses.dataclass(frozen=True)
 class Group:
@@ -53,14 +56,13 @@ def group_runs(summaries: list[dict[str, Any]]) -> list[Group]:
     return [Group(*key, tuple(sorted(runs, key=lambda r: r["seed"]))) for key, runs in sorted(groups.items())]
 
 
-def main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv)
-    unknown = set(args) - {"exp", "results_dir"}
-    if unknown or "exp" not in args:
+@hydra.main(config_path="../conf/scripts", config_name="aggregate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "exp"):
         sys.exit("usage: python experiments/aggregate.py exp=<name> [results_dir=results]")
-    groups = group_runs(load_summaries(args.get("results_dir", "results"), args["exp"]))
+    groups = group_runs(load_summaries(cfg.results_dir, cfg.exp))
     if not groups:
-        sys.exit(f"error: no finished runs under {args.get('results_dir', 'results')}/{args['exp']}")
+        sys.exit(f"error: no finished runs under {cfg.results_dir}/{cfg.exp}")
     print(f"{'task':6} {'runs':14} {'metric':9} {'median':>7}  {'n':>2}  seeds")
     for g in groups:
         seeds = " ".join(f"{s:.4f}" for s in g.scores)
@@ -70,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

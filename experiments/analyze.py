@@ -12,7 +12,6 @@ the run's config.yaml (`base=<folder>` overrides; `table7=false` skips it).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -38,11 +37,10 @@ from lora_jax.analysis import (
     mean_over_layers,
     random_gaussian_control,
 )
+from lora_jax.experiment import model_folder, register_resolvers
 from lora_jax.tree import leaf_paths, matches_module
 
-OmegaConf.register_new_resolver(
-    "package_model", lambda name: str(importlib.import_module(name).get_model_path()), replace=True
-)
+register_resolvers()  # old runs' config.yaml may name the model as ${package_model:...}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def base_kernels(name_or_path: str) -> dict[str, np.ndarray]:
     """{module path: 2-D kernel} of a base model (paths mirror HF names, as adapters' do)."""
     from lora_jax.models.hub import from_pretrained  # loads jax and the model family only when Table 7 runs
 
-    _, params, _, _ = from_pretrained(name_or_path, task="base")
+    _, params, _, _ = from_pretrained(model_folder(name_or_path), task="base")
     return {
         path.removeprefix("params.").removesuffix(".kernel"): np.asarray(leaf, np.float64)
         for path, leaf in leaf_paths(params)

@@ -27,16 +27,12 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from run import (  # importing run also registers the ${package_model:...} resolver
-    best_or_exit,
-    git_commit,
-    lora_config_for,
-    train_config,
-)
+from run import best_or_exit  # importing run also registers the config schema and resolvers
 from tqdm.auto import tqdm
 
 from lora_jax.data import ClassificationTask, get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
+from lora_jax.experiment import git_commit, lora_config_for, model_folder, model_name, train_config
 from lora_jax.logging import JsonlLogger
 from lora_jax.lora import LoraConfig
 from lora_jax.models.hub import load_tokenizer, resolve
@@ -63,11 +59,11 @@ def build_model(
     cfg: DictConfig, task: ClassificationTask, lora: LoraConfig | None = None
 ) -> tuple[Any, Any, LoraConfig]:
     """(model, tokenizer, lora config): the HF classifier, PEFT-wrapped for method=lora, with requires_grad set
-    on exactly the params lora_jax.train.method_mask trains."""
+    on exactly the params lora_jax.lora.trainable_mask trains."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    folder = resolve(cfg.model.name_or_path)
+    folder = resolve(model_folder(cfg.model.name_or_path))
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=task.num_labels, dtype=getattr(torch, cfg.model.param_dtype)
     )
@@ -184,6 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.distributed:
         raise ValueError("peft_reference.py runs on one device; drop distributed=true.")
     config = train_config(cfg)  # validates the optim fields as run.py does
+    cfg.model.name_or_path = model_name(cfg.model.name_or_path)  # recorded as the user named it, as run.py does
 
     import peft
     import torch
@@ -282,6 +279,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "stopped_early": False,  # run.py's key; only its hyperparameter-search hook stops early
         "wall_time_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None,
+        "exports": {"adapter": "adapter"} if best_state is not None and cfg.method == "lora" else {},  # PEFT format
         "exp": cfg.exp_name,
         "task": cfg.task,
         "run": run_name,

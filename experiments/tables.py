@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import hydra
 import yaml
 from aggregate import Group, group_runs, load_summaries
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_TITLES = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "qqp": "QQP",
@@ -282,10 +283,10 @@ def figures_page(results_dir: Path, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv)
-    results_dir = Path(args.get("results_dir", ROOT / "results"))
-    out_dir = Path(args.get("out", ROOT / "paper_tables"))
+@hydra.main(config_path="../conf/scripts", config_name="tables", version_base=None)
+def main(cfg: DictConfig) -> None:
+    results_dir = Path(cfg.results_dir or ROOT / "results")
+    out_dir = Path(cfg.out or ROOT / "paper_tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = {
         "glue_minilm.md": glue_minilm(results_dir, out_dir),
@@ -301,4 +302,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -25,6 +25,7 @@ from typing import Any
 
 import hydra
 import ray
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from ray import tune
@@ -37,6 +38,9 @@ sys.path.insert(0, str(EXPERIMENTS))  # run.py and search_space.py sit beside th
 from search_space import parse_search_space, ray_tune_space  # noqa: E402
 
 from lora_jax.data import task_from_config  # noqa: E402
+from lora_jax.experiment import store_schemas  # noqa: E402
+
+store_schemas(ConfigStore.instance())  # the run config's schema, as run.py registers it
 
 METRIC = "main_metric"  # what every trial reports and ASHA compares: the task's main metric at this epoch
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import quant
-from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE
+from lora_jax.lora import LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE, LORA_SLICE
 
 Dtype = Any
 LORA_GROUPS = "lora_groups"  # rows per adapter group, beside stacked A/B (lora_jax.bank.route_grouped)
@@ -27,10 +27,10 @@ Initializer = Callable[..., jax.Array]
 class Dense(nn.Module):
     """`y = x W + b`, plus LoRA's low-rank path where the params carry one.
 
-    slices: names of the equal-width output slices of a fused kernel (GPT-2's c_attn: ('q', 'k', 'v')); each
-        may carry its own adapter (`lora_a_q`, ...), as loralib's MergedLinear.
-    lora_dropout: dropout on the LoRA path's input (the paper's and PEFT's `lora_dropout`); needs a 'dropout'
-        rng when `deterministic` is False.
+    Everything about the adapter comes from its leaves (`lora.lora_wrap`): `lora_a`/`lora_b`/`lora_scale` for the
+    whole kernel, or `lora_a_q`... for slices of a fused kernel (GPT-2's c_attn), each placed by its `lora_slice_q`
+    index and `lora_b_q`'s width, as loralib's MergedLinear; `lora_dropout` (present when LoraConfig.dropout > 0)
+    drops the LoRA path's input in training and needs a 'dropout' rng when `deterministic` is False.
     """
 
     features: int
@@ -40,8 +40,6 @@ class Dense(nn.Module):
     precision: Any = None
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
-    slices: tuple[str, ...] = ()
-    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -63,20 +61,24 @@ class Dense(nn.Module):
             y = jnp.dot(x, kernel, precision=self.precision)
         if bias is not None:
             y = y + bias
+        return self._add_lora(x, y, deterministic)
 
-        suffixes = [s for s in ("", *(f"_{name}" for name in self.slices)) if self._has(LORA_A + s)]
+    def _add_lora(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
+        own = self.variables.get("params", {})
+        suffixes = sorted(name[len(LORA_A) :] for name in own if name.startswith(LORA_A))
         if not suffixes:
             return y
-        h = Dropout(self.lora_dropout)(x, deterministic=deterministic) if self.lora_dropout > 0 else x
-        if suffixes == [""]:
-            return y + self._low_rank(h, "", y.dtype)
-        width = self.features // len(self.slices)
-        parts = []
-        for i, name in enumerate(self.slices):
-            suffix = f"_{name}"
-            part = y[..., i * width : (i + 1) * width]
-            parts.append(part + self._low_rank(h, suffix, y.dtype) if suffix in suffixes else part)
-        return jnp.concatenate(parts, axis=-1)
+        h = Dropout(own[LORA_DROPOUT])(x, deterministic=deterministic) if LORA_DROPOUT in own else x
+        for suffix in suffixes:
+            low = self._low_rank(h, suffix, y.dtype)
+            if suffix == "":
+                y = y + low
+                continue
+            width = low.shape[-1]
+            start = jnp.asarray(own[LORA_SLICE + suffix], jnp.int32) * width
+            part = jax.lax.dynamic_slice_in_dim(y, start, width, axis=-1)
+            y = jax.lax.dynamic_update_slice_in_dim(y, part + low, start, axis=-1)
+        return y
 
     def _has(self, name: str) -> bool:
         return self.has_variable("params", name)
@@ -112,18 +114,24 @@ class Dropout(nn.Module):
     rng when `deterministic` is False.
     """
 
-    rate: float
+    rate: float | jax.Array  # an array: LoRA's rate, read from the params (so known only when traced)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        if deterministic or self.rate == 0.0:
+        if deterministic:
             return x
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {self.rate}.")
-        threshold = min(round(self.rate * 2**16), 2**16 - 1)
-        keep = random_uint16(self.make_rng("dropout"), x.shape) >= jnp.uint32(threshold)
-        keep_prob = 1.0 - threshold / 2**16
-        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+        if isinstance(self.rate, (int, float)):
+            if self.rate == 0.0:
+                return x
+            if not 0.0 <= self.rate < 1.0:
+                raise ValueError(f"dropout rate must be in [0, 1), got {self.rate}.")
+            threshold = min(round(self.rate * 2**16), 2**16 - 1)
+            keep_prob = jnp.asarray(1.0 - threshold / 2**16, x.dtype)
+        else:
+            threshold = jnp.minimum(jnp.round(jnp.asarray(self.rate, jnp.float32) * 2**16), 2**16 - 1)
+            keep_prob = (1.0 - threshold / 2**16).astype(x.dtype)
+        keep = random_uint16(self.make_rng("dropout"), x.shape) >= jnp.asarray(threshold, jnp.uint32)
+        return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 def random_uint16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

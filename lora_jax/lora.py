@@ -6,8 +6,10 @@ row-vector convention Flax uses (y = x @ W), that is y = x @ W + scale * (x @ A)
     A: lora_a  (d_in x r)   random init, so that gradients reach B from the first step
     B: lora_b  (r x d_out)  zeros, so that the adapted model starts exactly at the pretrained one
 
-`lora_wrap` adds these leaves (and a scalar `lora_scale`) beside each targeted `kernel`; the model's LoRA-aware
-Dense (`lora_jax.layers.Dense`) sees them and adds the low-rank path. Nothing here knows about any model family:
+`lora_wrap` adds these leaves (and a scalar `lora_scale`, plus `lora_dropout` when `LoraConfig.dropout` > 0) beside
+each targeted `kernel`; the model's LoRA-aware Dense (`lora_jax.layers.Dense`) sees them and adds the low-rank path.
+The adapter's leaves are the whole truth about it: the layer reads rank, scale, dropout and slice layout from
+them. Nothing here knows about any model family:
 a target is a pattern over the dotted path of a module, e.g. `encoder.layer.3.attention.self.query`.
 
 A fused kernel (GPT-2's `c_attn` holds q|k|v side by side) is described by `LoraConfig.fused`; its slices
@@ -44,6 +46,9 @@ from lora_jax.tree import (
 
 LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
+LORA_DROPOUT = "lora_dropout"  # dropout rate on the module's LoRA input (float32, never trained; only if > 0)
+BOOKKEEPING = (LORA_SCALE, LORA_SLICE, LORA_DROPOUT)  # LoRA leaves that describe an adapter and never train
+METHODS = ("lora", "full", "bitfit")
 LORA_PREFIX = "lora_"
 ALL_LINEAR = "all-linear"
 
@@ -62,13 +67,16 @@ class LoraConfig:
         those under `exclude`.
     init: `"kaiming"` (uniform +-1/sqrt(d_in) for A, as loralib and PEFT do) or `"gaussian"` (N(0, 1/r) for A,
         the paper's "random Gaussian"). B is always zero.
+    dropout: dropout on each adapted module's LoRA input in training (the paper's and PEFT's `lora_dropout`),
+        stored as the module's `lora_dropout` leaf, which is what the layer applies.
     rslora: scale by alpha/sqrt(r) (Kalajdzievas 2023) instead of alpha/r.
     train_also: patterns of non-LoRA leaves that stay trainable (e.g. the classification head). A pattern
         matches any leaf whose dotted path contains it as a run of whole components: `classifier` matches
         `classifier.out_proj.kernel`.
     bias: `"none"`, `"all"` (every bias trains) or `"lora_only"` (biases of adapted modules train), as in loralib.
     fused: fused kernels split into equal output slices, `{module pattern: slice names}`, e.g.
-        `{"c_attn": ("q", "k", "v")}`; target a slice as `c_attn.q` (or by its name alone, `q`).
+        `{"c_attn": ("q", "k", "v")}`; target a slice as `c_attn.q` (or by its name alone, `q`). The layer reads
+        the layout from the leaves (`lora_slice_q` and the width of `lora_b_q`), so this is its only declaration.
     rank_pattern / alpha_pattern: per-target overrides `{pattern: r}` / `{pattern: alpha}`; the first pattern
         that matches a module path wins.
     exclude: module patterns never adapted (applies to every target, and is what keeps heads out of
@@ -286,6 +294,8 @@ def lora_wrap(params: Params, config: LoraConfig, rng: jax.Array) -> dict[str, A
         leaves[LORA_SCALE + target.suffix] = jnp.asarray(config.scale_for(target.name), jnp.float32)
         if target.slice_name is not None:
             leaves[LORA_SLICE + target.suffix] = jnp.asarray(target.slice_index, jnp.int32)
+        if config.dropout > 0:  # one rate per module: its slices share the input that dropout acts on
+            leaves[LORA_DROPOUT] = jnp.asarray(config.dropout, jnp.float32)
     return _insert(params, additions)
 
 
@@ -317,23 +327,32 @@ def strip_lora(params: Params) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def trainable_mask(params: Params, config: LoraConfig | None = None) -> Any:
-    """A bool pytree: True for the leaves that train (LoRA A/B, `train_also`, biases per `config.bias`)."""
+def trainable_mask(params: Params, config: LoraConfig | None = None, method: str = "lora") -> Any:
+    """A bool pytree: True for the leaves that train. The one place that decides it, for every method:
+
+    "lora": LoRA A/B, `config.train_also`, biases per `config.bias`; "full": every weight (the paper's FT baseline);
+    "bitfit": every bias and `config.train_also`. LoRA's bookkeeping leaves (scale, slice, dropout) never train,
+    and under "full"/"bitfit" neither do LoRA A/B (the params are not meant to carry them there).
+    """
+    if method not in METHODS:
+        raise LoraError(f"method must be one of {list(METHODS)}, got {method!r}.")
     adapted = {p.rsplit(".", 1)[0] for p, _ in leaf_paths(params) if p.rsplit(".", 1)[-1].startswith(LORA_A)}
+    also = config.train_also if config is not None else ()
 
     def trains(path: str) -> bool:
         name = path.rsplit(".", 1)[-1]
-        if name.startswith((LORA_SCALE, LORA_SLICE)):
-            return False
         if name.startswith(LORA_PREFIX):
+            return method == "lora" and not name.startswith(BOOKKEEPING)
+        if method == "full":
             return True
-        if config is None:
+        if any(matches_leaf(p, path) for p in also):
+            return True
+        if name != "bias":
             return False
-        if any(matches_leaf(p, path) for p in config.train_also):
+        if method == "bitfit":
             return True
-        if name == "bias":
-            return config.bias == "all" or (config.bias == "lora_only" and path.rsplit(".", 1)[0] in adapted)
-        return False
+        bias = config.bias if config is not None else "none"
+        return bias == "all" or (bias == "lora_only" and path.rsplit(".", 1)[0] in adapted)
 
     return map_with_path(lambda path, _: trains(path), params)
 
@@ -361,9 +380,11 @@ def unpartition(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def lora_optimizer(tx: optax.GradientTransformation, params: Params, config: LoraConfig | None = None):
+def lora_optimizer(
+    tx: optax.GradientTransformation, params: Params, config: LoraConfig | None = None, method: str = "lora"
+) -> optax.GradientTransformation:
     """`tx` on the trainable leaves, `set_to_zero` on the rest, so frozen leaves never change and carry no state."""
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask(params, config))
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask(params, config, method))
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
@@ -447,13 +468,13 @@ class ParamCount:
         return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
 
 
-def count_params(params: Params, config: LoraConfig | None = None) -> ParamCount:
+def count_params(params: Params, config: LoraConfig | None = None, method: str = "lora") -> ParamCount:
     """Trainable and total parameter counts (LoRA scales are bookkeeping, not parameters)."""
-    mask = trainable_mask(params, config)
+    mask = trainable_mask(params, config, method)
     trainable = total = 0
     for (path, leaf), (_, m) in zip(leaf_paths(params), leaf_paths(mask), strict=True):
         name = path.rsplit(".", 1)[-1]
-        if name.startswith((LORA_SCALE, LORA_SLICE)):
+        if name.startswith(BOOKKEEPING):
             continue
         n = int(np.prod(np.shape(leaf)))
         total += n

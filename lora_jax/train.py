@@ -1,9 +1,13 @@
-"""The fine-tuning loop: one jitted step over a device mesh, eval each epoch, checkpoints, resume.
+"""The fine-tuning loop: one jitted step over a device mesh, eval each epoch, checkpoints, resume, exports.
+
+In parts: `TrainState` (what changes between steps), `make_steps` (the pure step), `_eval_and_checkpoint`, and the
+finish (`export.write_exports`). The step's loss stays on the device; the host reads the queued losses back every
+`log_every` steps (and before any checkpoint, so none ever holds a diverged step), not after every step.
 
 The params are split once into a trainable and a frozen half (`lora.partition`). The step differentiates the
 trainable half only, so XLA never computes gradients of frozen weights, and the optimizer keeps state for the
-trainable leaves only. `method` picks the half: "lora" (LoRA leaves + `train_also`), "full" (everything, the
-paper's FT baseline) or "bitfit" (biases + `train_also`), all through the same code.
+trainable leaves only. `lora.trainable_mask` picks the half for each `method`: "lora" (LoRA leaves +
+`train_also`), "full" (everything, the paper's FT baseline) or "bitfit" (biases + `train_also`).
 
 Everything that decides a step's result is a function of (seed, step): batch order comes from (seed, epoch),
 dropout from fold_in(seed, step). So a run killed at any point and started again with the same command resumes
@@ -24,16 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from lora_jax.adapters import save_adapter
 from lora_jax.checkpoint import RunCheckpoints
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
+from lora_jax.export import Export, check_exports, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
-from lora_jax.lora import LoraConfig, count_params, partition, trainable_mask, unpartition
+from lora_jax.lora import METHODS, LoraConfig, count_params, partition, trainable_mask, unpartition
 from lora_jax.sharding import make_mesh, place_batch, shardings_for
-from lora_jax.tree import map_with_path, matches_leaf
 
 Params = Any
 Batch = Mapping[str, np.ndarray]
@@ -45,30 +49,46 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """How to train. The Hydra schema of `optim` is generated from these fields (lora_jax.experiment), so these
+    defaults are the command line's; `method`, `seed`, `progress` and `exports` are top-level run keys there."""
+
     method: Literal["lora", "full", "bitfit"] = "lora"
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 16
     eval_batch_size: int = 64
-    learning_rate: float = 4e-4
+    lr: float = 1e-3
     warmup_ratio: float = 0.06
     weight_decay: float = 0.1
     max_grad_norm: float | None = None
     grad_accum: int = 1
     seed: int = 0
-    save_every_steps: int = 0  # 0: checkpoint at the end of each epoch only
+    save_every_steps: int = 200  # 0: checkpoint at the end of each epoch only
     max_steps: int | None = None  # stop early (smoke runs)
     fsdp: bool = False  # shard params and optimizer state over the data axis (large models)
-    log_every: int = 10
+    log_every: int = 10  # also how often the loss is read back to the host (and checked for NaN)
     progress: bool = True
+    exports: tuple[str, ...] = ("adapter",)  # of export.EXPORTS: adapter (LoRA runs), peft (LoRA), merged
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "full", "bitfit"):
-            raise ValueError(f"method must be 'lora', 'full' or 'bitfit', got {self.method!r}.")
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+        object.__setattr__(self, "exports", tuple([self.exports] if isinstance(self.exports, str) else self.exports))
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}.")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}.")
+        if not (0 < self.lr < math.inf):
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}; LoRA's GLUE runs use 1e-4 .. 1e-3.")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"optim.max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm}.")
+        if self.save_every_steps < 0:
+            raise ValueError(f"optim.save_every_steps must be >= 0 (0: each epoch's end), got {self.save_every_steps}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"optim.max_steps must be >= 1 (or null: all epochs), got {self.max_steps}.")
+        check_exports(self.exports, self.method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,30 +107,13 @@ class EvalSpec:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def method_mask(params: Params, method: str, lora_config: LoraConfig | None) -> Any:
-    """Which leaves train under `method` (LoRA scales and slice positions never do)."""
-    if method == "lora":
-        return trainable_mask(params, lora_config)
-    also = lora_config.train_also if lora_config is not None else ()
-
-    def trains(path: str) -> bool:
-        name = path.rsplit(".", 1)[-1]
-        if name.startswith("lora_"):
-            return False
-        if method == "full":
-            return True
-        return name == "bias" or any(matches_leaf(p, path) for p in also)
-
-    return map_with_path(lambda path, _: trains(path), params)
-
-
 def linear_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (the paper's schedule)."""
     warmup = int(config.warmup_ratio * total_steps)
     return optax.join_schedules(
         [
-            optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
-            optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1)),
+            optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
+            optax.linear_schedule(config.lr, 0.0, max(total_steps - warmup, 1)),
         ],
         [warmup],
     )
@@ -151,6 +154,15 @@ def _model_inputs(batch: Batch) -> dict[str, Any]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+@struct.dataclass
+class TrainState:
+    """What changes between steps: the trainable half of the params, the optimizer state, the step number."""
+
+    trainable: Any
+    opt_state: Any
+    step: jax.Array  # int32; dropout masks are fold_in(seed, step)
+
+
 def make_steps(
     module: nn.Module,
     tx: optax.GradientTransformation,
@@ -158,8 +170,9 @@ def make_steps(
     seed: int,
     generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
 ):
-    """(train_step, eval_step), pure functions ready for jit. eval_step returns the logits, or with
-    `generate(module, params, batch)` (seq2seq) the generated tokens."""
+    """(train_step, eval_step), pure functions ready for jit: train_step(state, frozen, batch) -> (state, loss),
+    eval_step(trainable, frozen, batch) -> logits, or with `generate(module, params, batch)` (seq2seq) the
+    generated tokens."""
     base_key = jax.random.key(seed)
 
     def loss_fn(trainable, frozen, batch, step):
@@ -168,10 +181,11 @@ def make_steps(
         out = module.apply({"params": params}, **_model_inputs(batch), deterministic=False, rngs=rngs)
         return batch_loss(out["logits"], batch["labels"], batch["weights"], num_labels)
 
-    def train_step(trainable, opt_state, frozen, batch, step):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, step)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    def train_step(state: TrainState, frozen, batch) -> tuple[TrainState, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return TrainState(trainable, opt_state, state.step + 1), loss
 
     def eval_step(trainable, frozen, batch):
         params = unpartition(trainable, frozen)
@@ -187,11 +201,10 @@ def make_steps(
 class Prepared:
     """Everything a loop (or a benchmark) needs to run the real step."""
 
-    train_step: Callable  # (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, loss)
+    train_step: Callable  # (state, frozen, batch) -> (state, loss)
     eval_step: Callable  # (trainable, frozen, batch) -> logits
-    trainable: Any
+    state: TrainState
     frozen: Any
-    opt_state: Any
 
 
 def prepare(
@@ -204,24 +217,24 @@ def prepare(
     lora_config: LoraConfig | None = None,
     generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
 ) -> Prepared:
-    """Split the params by `config.method`, place both halves and the optimizer state on the mesh, and jit the
-    steps (donating the trainable half and the optimizer state, so an update reuses their buffers)."""
-    trainable, frozen = partition(params, method_mask(params, config.method, lora_config))
+    """Split the params by `config.method` (`lora.trainable_mask`), place both halves and the optimizer state on
+    the mesh, and jit the steps (donating the state, so an update reuses its buffers)."""
+    trainable, frozen = partition(params, trainable_mask(params, lora_config, config.method))
     tx = make_optimizer(config, math.ceil(total_micro_steps / config.grad_accum))
-    train_sh = shardings_for(trainable, mesh, config.fsdp)
-    trainable = jax.device_put(trainable, train_sh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable = jax.device_put(trainable, shardings_for(trainable, mesh, config.fsdp))
     frozen = jax.device_put(frozen, shardings_for(frozen, mesh, config.fsdp))
     opt_state = tx.init(trainable)
-    opt_sh = shardings_for(opt_state, mesh, config.fsdp)
-    opt_state = jax.device_put(opt_state, opt_sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.device_put(opt_state, shardings_for(opt_state, mesh, config.fsdp))
+    state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
     train_step, eval_step = make_steps(module, tx, num_labels, config.seed, generate)
-    train_step = jax.jit(train_step, out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
-    return Prepared(train_step, jax.jit(eval_step), trainable, frozen, opt_state)
+    train_step = jax.jit(train_step, out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    return Prepared(train_step, jax.jit(eval_step), state, frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
+# The loop: steps, eval/checkpoint, finish
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -230,14 +243,86 @@ def _tokens(batch: Batch) -> int:
     return int(sum(np.sum(m * batch["weights"][:, None]) for m in masks))
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A device array as numpy; on several hosts each holds only its rows, so gather them first."""
+    if jax.process_count() > 1 and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def evaluate(
     eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh
 ) -> dict[str, float]:
     logits = []
     for batch in eval_batches(dataset, batch_size, num_devices=mesh.devices.size):
-        out = np.asarray(eval_step(trainable, frozen, place_batch(batch, mesh)))
+        out = _to_host(eval_step(trainable, frozen, place_batch(batch, mesh)))
         logits.append(out[batch["weights"] > 0])
     return spec.metrics(np.concatenate(logits), np.asarray(dataset["labels"]))
+
+
+@dataclasses.dataclass
+class _Run:
+    """The loop's host-side bookkeeping: what resumes with the run (`meta`), and losses not yet read back."""
+
+    out_dir: Path
+    checkpoints: RunCheckpoints
+    logger: Loggers
+    meta: dict[str, Any]
+    started: float
+    pending: list[tuple[int, int, jax.Array]] = dataclasses.field(default_factory=list)  # (step, epoch, loss)
+    last_loss: float | None = None
+
+    def read_losses(self, schedule: optax.Schedule, config: TrainConfig) -> None:
+        """Read the queued losses back (one transfer), stop on the first non-finite one, log every log_every-th."""
+        if not self.pending:
+            return
+        values = jax.device_get([loss for _, _, loss in self.pending])
+        for (step, epoch, _), loss in zip(self.pending, values, strict=True):
+            loss = float(loss)
+            if not math.isfinite(loss):
+                last = self.checkpoints.latest.latest_step()
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step - 1} (epoch {epoch}); last good checkpoint: "
+                    f"{self.out_dir / 'checkpoints' / 'latest'} at step {last}. "
+                    "Lower optim.lr or set optim.max_grad_norm."
+                )
+            if step % config.log_every == 0:
+                lr = float(schedule(step // config.grad_accum))
+                self.logger.log({"step": step, "epoch": epoch, "loss": loss, "lr": lr}, "train")
+            self.last_loss = loss
+        self.pending.clear()
+
+    def save_latest(self, state: TrainState, step: int) -> None:
+        self.meta.update(step=step, wall_time=time.perf_counter() - self.started)
+        self.checkpoints.save_latest(step, {"trainable": state.trainable, "opt_state": state.opt_state}, self.meta)
+
+
+def _eval_and_checkpoint(run: _Run, prepared: Prepared, state: TrainState, eval_sets, spec: EvalSpec,
+                         config: TrainConfig, mesh: Mesh, step: int, epoch: int) -> dict[str, Any]:  # fmt: skip
+    """Score every eval set, keep the best trainable half, and save `latest` (after the eval, so a resumed run
+    never evaluates an epoch twice)."""
+    record: dict[str, Any] = {"step": step, "epoch": epoch}
+    for name, dataset in eval_sets.items():
+        scores = evaluate(prepared.eval_step, state.trainable, prepared.frozen, dataset, spec,
+                          config.eval_batch_size, mesh)  # fmt: skip
+        prefix = "" if len(eval_sets) == 1 else f"{name}/"
+        record.update({f"{prefix}{k}": v for k, v in scores.items()})
+    main_key = spec.main_metric if len(eval_sets) == 1 else f"{next(iter(eval_sets))}/{spec.main_metric}"
+    record["main"] = record[main_key]
+    run.meta["history"].append({k: v for k, v in record.items() if k != "main"})
+    run.logger.log(run.meta["history"][-1], "metrics")
+    if run.meta["best"] is None or record[main_key] > run.meta["best"]:
+        run.meta.update(best=record[main_key], best_epoch=epoch)
+        run.checkpoints.save_best(step, state.trainable, {"epoch": epoch, "metrics": run.meta["history"][-1]})
+    run.save_latest(state, step)
+    return record
+
+
+def _best_params(run: _Run, prepared: Prepared, state: TrainState) -> Any:
+    """The best epoch's trainable half with the frozen half: on the devices, nothing copied to the host."""
+    return unpartition(run.checkpoints.restore_best(state.trainable), prepared.frozen)
 
 
 def train(
@@ -252,131 +337,92 @@ def train(
     loggers: Sequence[Logger] = (),
     mesh: Mesh | None = None,
     on_epoch: Callable[[int, float, dict[str, Any]], bool] | None = None,
+    export: Export | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `params` (already LoRA-wrapped for method "lora"), resuming from `out_dir` if it holds a run.
 
     `on_epoch(epoch, main metric, metrics record)` runs after each epoch's eval and checkpoint; returning True
     ends training there (how a hyperparameter search prunes a trial; the summary says `stopped_early`).
-    Returns the summary: best main metric and its epoch, per-epoch metrics, trainable params, wall time,
-    tokens/s. Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.
+    `config.exports` picks what the best epoch is written as (`export` says the HF task and names the base
+    model, which the PEFT and merged exports need). Returns the summary: best main metric and its epoch,
+    per-epoch metrics, trainable params, wall time, tokens/s. Raises TrainingDiverged on a non-finite loss,
+    keeping the last good checkpoint.
     """
     out_dir = Path(out_dir)
     mesh = mesh or make_mesh()
-    n_dev = mesh.devices.size
     steps_per_epoch = num_batches(train_set, config.batch_size)
-    total_micro = steps_per_epoch * config.epochs
+    total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
-        total_micro = min(total_micro, config.max_steps)
-    schedule = linear_schedule(config, math.ceil(total_micro / config.grad_accum))
-    prepared = prepare(module, params, config, spec.num_labels, total_micro, mesh, lora_config, spec.generate)
-    train_step, eval_step = prepared.train_step, prepared.eval_step
-    trainable, frozen, opt_state = prepared.trainable, prepared.frozen, prepared.opt_state
+        total = min(total, config.max_steps)
+    schedule = linear_schedule(config, math.ceil(total / config.grad_accum))
+    prepared = prepare(module, params, config, spec.num_labels, total, mesh, lora_config, spec.generate)
+    state = prepared.state
 
     checkpoints = RunCheckpoints(out_dir / "checkpoints")
-    meta = {
-        "step": 0,
-        "epoch": 0,
-        "history": [],
-        "best": None,
-        "best_epoch": None,
-        "wall_time": 0.0,
-        "tokens": 0,
-        "step_time": 0.0,
-    }
-    restored = checkpoints.restore_latest({"trainable": trainable, "opt_state": opt_state})
+    meta = {"step": 0, "epoch": 0, "history": [], "best": None, "best_epoch": None, "wall_time": 0.0,
+            "tokens": 0, "step_time": 0.0}  # fmt: skip
+    restored = checkpoints.restore_latest({"trainable": state.trainable, "opt_state": state.opt_state})
     if restored is not None:
-        state, meta = restored
-        trainable, opt_state = state["trainable"], state["opt_state"]
+        saved, meta = restored
+        step_number = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
+        state = TrainState(saved["trainable"], saved["opt_state"], step_number)
         print(f"resuming {out_dir} from step {meta['step']} (epoch {meta['epoch']})")
-    logger = Loggers(JsonlLogger(out_dir, resume_step=meta["step"]), *loggers)
+    main_process = jax.process_index() == 0
+    logger = Loggers(JsonlLogger(out_dir, resume_step=meta["step"]), *loggers) if main_process else Loggers()
+    run = _Run(out_dir, checkpoints, logger, meta, time.perf_counter() - meta["wall_time"])
 
-    n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
     step = meta["step"]
     stopped_early = False
-    started = time.perf_counter() - meta["wall_time"]
-    bar = tqdm(total=total_micro, initial=step, disable=not config.progress, dynamic_ncols=True, unit="step")
-
-    def save_latest() -> None:
-        meta.update(step=step, wall_time=time.perf_counter() - started)
-        checkpoints.save_latest(step, {"trainable": trainable, "opt_state": opt_state}, meta)
-
-    while step < total_micro and not stopped_early:
+    bar = tqdm(total=total, initial=step, disable=not (config.progress and main_process), dynamic_ncols=True,
+               unit="step")  # fmt: skip
+    while step < total and not stopped_early:
         epoch, skip = divmod(step, steps_per_epoch)
         meta["epoch"] = epoch
-        for batch in epoch_batches(
-            train_set, config.batch_size, config.seed, epoch, skip=skip, num_devices=n_dev
-        ):
-            tick = time.perf_counter()
-            trainable, opt_state, loss = train_step(
-                trainable, opt_state, frozen, place_batch(batch, mesh), jnp.asarray(step, jnp.int32)
-            )
-            loss = float(loss)
-            if not math.isfinite(loss):
-                last = checkpoints.latest.latest_step()
-                raise TrainingDiverged(
-                    f"loss became {loss} at step {step} (epoch {epoch}); last good checkpoint: "
-                    f"{out_dir / 'checkpoints' / 'latest'} at step {last}. Lower optim.lr or set optim.max_grad_norm."
-                )
+        tick = time.perf_counter()
+        for batch in epoch_batches(train_set, config.batch_size, config.seed, epoch, skip=skip,
+                                   num_devices=mesh.devices.size):  # fmt: skip
+            state, loss = prepared.train_step(state, prepared.frozen, place_batch(batch, mesh))
             step += 1
-            tokens = _tokens(batch)
-            meta["tokens"] += tokens
-            meta["step_time"] = meta.get("step_time", 0.0) + time.perf_counter() - tick
-            lr = float(schedule(step // config.grad_accum))
-            bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - tick):.0f}"
-            )
+            run.pending.append((step, epoch, loss))
+            meta["tokens"] += _tokens(batch)
             bar.update()
-            if step % config.log_every == 0:
-                logger.log({"step": step, "epoch": epoch, "loss": loss, "lr": lr}, "train")
-            at_epoch_end = step % steps_per_epoch == 0  # saved after its eval, below
-            if config.save_every_steps and step % config.save_every_steps == 0 and not at_epoch_end:
-                save_latest()
-            if step >= total_micro:
+            last = step >= total or step % steps_per_epoch == 0  # saved after its eval, below
+            periodic = config.save_every_steps and step % config.save_every_steps == 0 and not last
+            if step % config.log_every == 0 or periodic or last:
+                run.read_losses(schedule, config)  # before any save: a checkpoint never holds a NaN step
+                bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{float(schedule(step // config.grad_accum)):.2e}")
+            if periodic:
+                meta["step_time"] += time.perf_counter() - tick
+                run.save_latest(state, step)
+                tick = time.perf_counter()
+            if step >= total:
                 break
-
-        if step % steps_per_epoch == 0 or step >= total_micro:
-            record: dict[str, Any] = {"step": step, "epoch": epoch}
-            for name, dataset in eval_sets.items():
-                scores = evaluate(eval_step, trainable, frozen, dataset, spec, config.eval_batch_size, mesh)
-                prefix = "" if len(eval_sets) == 1 else f"{name}/"
-                record.update({f"{prefix}{k}": v for k, v in scores.items()})
-            main_key = (
-                spec.main_metric if len(eval_sets) == 1 else f"{next(iter(eval_sets))}/{spec.main_metric}"
-            )
-            meta["history"].append(record)
-            logger.log(record, "metrics")
-            bar.write(
-                f"epoch {epoch}: "
-                + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
-            )
-            if meta["best"] is None or record[main_key] > meta["best"]:
-                meta.update(best=record[main_key], best_epoch=epoch)
-                checkpoints.save_best(step, trainable, {"epoch": epoch, "metrics": record})
-            save_latest()
-            if on_epoch is not None and on_epoch(epoch, record[main_key], record):
-                stopped_early = step < total_micro
+        meta["step_time"] += time.perf_counter() - tick
+        record = _eval_and_checkpoint(run, prepared, state, eval_sets, spec, config, mesh, step, epoch)
+        bar.write(f"epoch {epoch}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "main")))  # fmt: skip
+        if on_epoch is not None and on_epoch(epoch, record["main"], meta["history"][-1]):
+            stopped_early = step < total
     bar.close()
 
-    wall = time.perf_counter() - started
-    counts = count_params(unpartition(trainable, frozen))
     summary = {
         "method": config.method,
         "main_metric": spec.main_metric,
         "best": meta["best"],
         "best_epoch": meta["best_epoch"],
         "history": meta["history"],
-        "trainable_params": n_trainable,
-        "total_params": counts.total,
+        "trainable_params": sum(int(np.size(x)) for x in jax.tree.leaves(state.trainable)),
+        "total_params": count_params(unpartition(state.trainable, prepared.frozen), lora_config, config.method).total,
         "steps": step,
         "stopped_early": stopped_early,
-        "wall_time_s": wall,
+        "wall_time_s": time.perf_counter() - run.started,
         # Real (unpadded) tokens over time spent in steps: compiles and evals excluded.
         "tokens_per_s": meta["tokens"] / meta["step_time"] if meta.get("step_time") else None,
     }
-    if config.method == "lora" and meta["best"] is not None:
-        # The best epoch's adapter, in the format analysis tools and load_adapter read.
-        best = unpartition(checkpoints.restore_best(trainable), frozen)
-        save_adapter(out_dir / "adapter", jax.device_get(best), lora_config)
+    if meta["best"] is not None:
+        best = _best_params(run, prepared, state)
+        summary["exports"] = write_exports(out_dir, config.exports, best, lora_config, module, config.method,
+                                           export or Export())  # fmt: skip
     logger.finish(summary)
     checkpoints.close()
     return summary

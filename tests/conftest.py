@@ -6,6 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
+
+def pytest_configure(config) -> None:
+    """Tests compose conf/ with Hydra's compose API: give it the config schema, as experiments/run.py does."""
+    from hydra.core.config_store import ConfigStore
+
+    from lora_jax.experiment import register_resolvers, store_schemas
+
+    register_resolvers()
+    store_schemas(ConfigStore.instance())
+
+
 WORDS = "the a cat dog sat ran on under mat rug big small red blue quickly slowly".split()
 
 

@@ -10,7 +10,7 @@ import pytest
 from benchmarks import flops, report
 from benchmarks.common import random_batch
 from lora_jax import train as lj_train
-from lora_jax.lora import lora_wrap, partition
+from lora_jax.lora import lora_wrap, partition, trainable_mask
 from lora_jax.models import bert, hub
 
 
@@ -34,10 +34,11 @@ def _step_jaxpr(shape: flops.Shape, batch: int, seq: int, method: str, rank: int
     if method == "lora":
         lcfg = hub.lora_config("roberta", flops.LORA_MODULES, r=rank, alpha=rank, train_also=("classifier",))
         params = lora_wrap(params, lcfg, jax.random.key(1))
-    trainable, frozen = partition(params, lj_train.method_mask(params, method, lcfg))
+    trainable, frozen = partition(params, trainable_mask(params, lcfg, method))
     tx = lj_train.make_optimizer(lj_train.TrainConfig(method=method), 10)
     step, _ = lj_train.make_steps(module, tx, shape.num_labels, seed=0)
-    return jax.make_jaxpr(step)(trainable, tx.init(trainable), frozen, data, jnp.int32(0))
+    state = lj_train.TrainState(trainable, tx.init(trainable), jnp.int32(0))
+    return jax.make_jaxpr(step)(state, frozen, data)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

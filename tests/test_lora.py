@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_jax.layers import Dense
 from lora_jax.lora import (
     LoraConfig,
     LoraError,
@@ -26,7 +28,7 @@ from lora_jax.lora import (
     unmerge,
     unpartition,
 )
-from lora_jax.tree import leaf_paths
+from lora_jax.tree import filter_leaves, leaf_paths
 from tests.tiny import tiny
 
 QV = LoraConfig(r=4, alpha=8, targets=("query", "value"))
@@ -244,19 +246,33 @@ def test_bias_modes_and_train_also():
     assert {"params.classifier.kernel", "params.classifier.bias"} <= trains(wrap(), head)
 
 
-def test_dropout_applies_to_the_lora_path_in_training_only():
-    model, params, x = tiny(lora_dropout=0.5)
-    wrapped = perturb_lora_b(lora_wrap(params, QV, jax.random.key(1)))
+def test_lora_config_dropout_is_what_the_layer_applies_in_training_only():
+    model, params, x = tiny()
+    config = dataclasses.replace(QV, dropout=0.5)
+    wrapped = perturb_lora_b(lora_wrap(params, config, jax.random.key(1)))
+    plain = filter_leaves(wrapped, lambda path: not path.endswith(".lora_dropout"))  # same A and B, no dropout
     eval_out = model.apply(wrapped, x)
-    np.testing.assert_array_equal(eval_out, model.apply(wrapped, x, deterministic=True))
-    train_a = model.apply(wrapped, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
-    train_b = model.apply(wrapped, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(eval_out, model.apply(plain, x))
+    train = lambda p, seed: model.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+    np.testing.assert_array_equal(train(plain, 0), eval_out)  # dropout 0: training is deterministic
+    train_a, train_b = train(wrapped, 0), train(wrapped, 1)
     assert not np.allclose(train_a, eval_out) and not np.allclose(train_a, train_b)
+    # The rate is the config's: with W = 0 and A = B = I the layer's output is its dropped LoRA input.
+    assert float(wrapped["params"]["layer_0"]["query"]["lora_dropout"]) == 0.5
+    h = jax.random.normal(jax.random.key(5), (256, 16))
+    dense = Dense(16)
+    layer = lora_wrap(dense.init(jax.random.key(0), h), dataclasses.replace(config, r=16, targets=(".*",)),
+                      jax.random.key(0))["params"]  # fmt: skip
+    identity = {"kernel": jnp.zeros((16, 16)), "lora_a": jnp.eye(16), "lora_b": jnp.eye(16)}
+    layer = {**layer, **identity, "lora_scale": jnp.float32(1)}
+    y = np.asarray(dense.apply({"params": layer}, h, deterministic=False, rngs={"dropout": jax.random.key(9)}))
+    dropped = y == 0
+    np.testing.assert_allclose(y[~dropped], 2 * np.asarray(h)[~dropped], rtol=1e-6)
+    assert 0.45 < dropped.mean() < 0.55
     # With B = 0 the LoRA path is zero, so dropout on it changes nothing.
-    zero = lora_wrap(params, QV, jax.random.key(1))
-    np.testing.assert_array_equal(
-        model.apply(zero, x, deterministic=False, rngs={"dropout": jax.random.key(0)}), model.apply(params, x)
-    )
+    zero = lora_wrap(params, config, jax.random.key(1))
+    np.testing.assert_array_equal(train(zero, 0), model.apply(params, x))
+    assert count_params(zero, config) == count_params(lora_wrap(params, QV, jax.random.key(1)), QV)
 
 
 def test_roberta_base_query_value_r8_is_294912_lora_params():

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from lora_jax.logging import read_jsonl
-from lora_jax.lora import count_params, lora_wrap
+from lora_jax.lora import count_params, lora_wrap, trainable_mask
 from lora_jax.models.hub import from_pretrained, lora_config
-from lora_jax.train import TrainConfig, linear_schedule, method_mask
+from lora_jax.train import TrainConfig, linear_schedule
 from lora_jax.tree import leaf_paths
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 
@@ -132,7 +132,7 @@ def test_lr_schedule_equals_lora_jax_at_every_step(runs):
     assert steps == train_log(runs["jax_full"], "step") == list(range(1, STEPS + 1))
     assert train_log(runs["peft_full"], "epoch") == train_log(runs["jax_full"], "epoch")
     np.testing.assert_allclose(train_log(runs["peft_full"], "lr"), train_log(runs["jax_full"], "lr"), atol=1e-7, rtol=0)
-    schedule = linear_schedule(TrainConfig(learning_rate=1e-3, warmup_ratio=0.25), STEPS)
+    schedule = linear_schedule(TrainConfig(lr=1e-3, warmup_ratio=0.25), STEPS)
     expected = [float(schedule(s)) for s in steps]
     np.testing.assert_allclose(train_log(runs["peft_lora"], "lr"), expected, atol=1e-7, rtol=0)
     assert max(expected) == pytest.approx(1e-3) and expected[-1] == 0.0
@@ -202,7 +202,7 @@ def test_bitfit_trains_what_lora_jax_trains(reference, tiny_bert):
     model, _, lora = reference.build_model(cfg, get_task("mrpc"))
     trainable, total = reference.count_params(model)
     _, params, _, _ = from_pretrained(tiny_bert, task="sequence-classification", num_labels=2)
-    mask = method_mask(params, "bitfit", lora)
+    mask = trainable_mask(params, lora, "bitfit")
     expected = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m)
     assert trainable == expected and total == sum(int(np.size(p)) for p in jax.tree.leaves(params))
     assert 0 < trainable < total

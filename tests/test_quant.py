@@ -351,7 +351,7 @@ def test_the_training_loop_runs_checkpoints_and_resumes_over_an_nf4_base(tmp_pat
         "labels": rng.integers(0, 3, 16).astype(np.int32),
     }
     spec = EvalSpec(3, lambda logits, labels: {"accuracy": float((logits.argmax(-1) == labels).mean())}, "accuracy")
-    config = TrainConfig(epochs=1, batch_size=8, eval_batch_size=8, learning_rate=1e-2, progress=False)
+    config = TrainConfig(epochs=1, batch_size=8, eval_batch_size=8, lr=1e-2, progress=False)
     fresh = lambda: jax.tree.map(jnp.copy, params)  # train() donates the trainable half's buffers
     summary = train(module, fresh(), data, {"validation": data}, spec, config, tmp_path, lora)
     assert summary["steps"] == 2 and summary["best"] is not None

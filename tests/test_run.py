@@ -173,6 +173,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         (["task=mrcp"], "error: Task 'mrcp' unknown; choose one of cola, sst2, mrpc"),
         (["lora.r=0"], "error: LoRA r must be a positive integer, got 0"),
         (["data.dir=/nonexistent"], "error: No GLUE data for MRPC split 'train' under /nonexistent"),
+        (["optim.lr=-1"], "error: optim.lr must be > 0, got -1"),
     ],
 )
 def test_bad_overrides_give_one_clear_line(extra, expected, tiny_bert, tiny_glue, tmp_path):

@@ -11,17 +11,16 @@ from lora_jax.layers import Dense
 
 class Block(nn.Module):
     width: int
-    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        dense = lambda n, name, **kw: Dense(n, name=name, lora_dropout=self.lora_dropout, **kw)
+        dense = lambda n, name: Dense(n, name=name)
         q = dense(self.width, "query")(x, deterministic)
         k = dense(self.width, "key")(x, deterministic)
         v = dense(self.width, "value")(x, deterministic)
         att = jax.nn.softmax(jnp.einsum("bsd,btd->bst", q, k) / jnp.sqrt(self.width), axis=-1)
         h = x + dense(self.width, "output")(jnp.einsum("bst,btd->bsd", att, v), deterministic)
-        fused = dense(3 * self.width, "c_fc", slices=("a", "b", "c"))(h, deterministic)
+        fused = dense(3 * self.width, "c_fc")(h, deterministic)
         return h + dense(self.width, "proj")(jax.nn.gelu(fused), deterministic)
 
 
@@ -29,12 +28,11 @@ class TinyModel(nn.Module):
     width: int = 16
     depth: int = 2
     num_labels: int = 3
-    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         for i in range(self.depth):
-            x = Block(self.width, self.lora_dropout, name=f"layer_{i}")(x, deterministic)
+            x = Block(self.width, name=f"layer_{i}")(x, deterministic)
         return nn.Dense(self.num_labels, name="classifier")(x.mean(axis=1))
 
 

@@ -5,7 +5,8 @@ file defines its architecture and declares the rest in `SPEC`:
 
     Config(spec.ModelConfig)        frozen dataclass: the HF hyper-parameters it needs, under config.json's names
                                     (and num_labels if it has a classifier); ModelConfig adds dtype (compute),
-                                    param_dtype, lora_dropout, remat
+                                    param_dtype, remat (LoRA dropout is LoraConfig's, read from the
+                                    adapter's leaves)
     a flax module class             built as Model(config, task)
     SPEC = FamilySpec(...)          lora_jax.models.spec: the module class, model types, transformers class per
                                     task, LoRA target names, fused slices, backbone prefix, head modules, Conv1D

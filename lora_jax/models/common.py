@@ -52,7 +52,6 @@ def dense(config: Any, features: int, name: str, std: float, use_bias: bool = Tr
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
         kernel_init=nn.initializers.normal(std),
-        lora_dropout=config.lora_dropout,
         name=name,
         **kwargs,
     )

@@ -113,7 +113,7 @@ class Attention(nn.Module):
     def __call__(self, x, mask, deterministic: bool, kv: dict | None, cache_index):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         batch, length, _ = x.shape
-        qkv = dense(cfg, 3 * cfg.n_embd, "c_attn", cfg.initializer_range, slices=FUSED["c_attn"])(x, deterministic)
+        qkv = dense(cfg, 3 * cfg.n_embd, "c_attn", cfg.initializer_range)(x, deterministic)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
             kv = write_cache(kv, k, v, cache_index)

@@ -49,7 +49,6 @@ class ModelConfig:
 
     dtype: Any = jnp.float32  # compute
     param_dtype: Any = jnp.float32
-    lora_dropout: float = 0.0
     remat: bool | str = False  # recompute each layer in the backward pass (True, "dots"): memory for time
 
 
@@ -66,7 +65,7 @@ class FamilySpec:
 
     name: how errors name the family ("GPT-2").
     model_types: the HF config.json `model_type` values it handles.
-    config_class: its frozen Config dataclass, a ModelConfig (dtype, param_dtype, lora_dropout, remat) with the
+    config_class: its frozen Config dataclass, a ModelConfig (dtype, param_dtype, remat) with the
         HF hyper-parameters under their config.json names (and num_labels if it has a classifier).
     model: the flax module class, built as `model(config, task)` (`build` checks the task first).
     architectures: {(model_type, task): transformers class name}; its tasks are the family's tasks.
