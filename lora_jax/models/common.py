@@ -218,6 +218,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 # ------------------------------------------------------------------------------------------------------------
 
 
+def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
+    """Each row's hidden state at its rightmost real token, as transformers' decoder classifiers pool: the last
+    token that is not pad_token_id, or without one the attention mask's last."""
+    if pad_token_id is not None:
+        real = input_ids != pad_token_id
+    elif attention_mask is not None:
+        real = attention_mask.astype(bool)
+    else:
+        real = jnp.ones(input_ids.shape, bool)
+    last = jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 def family_init_cache(module: nn.Module, batch: int, max_length: int) -> list:
     """An empty cache from the `init_cache` of the family file that defines `module` (t5.py, gpt2.py, ...)."""
     return importlib.import_module(type(module).__module__).init_cache(module.config, batch, max_length)

@@ -33,6 +33,7 @@ from lora_jax.models.common import (
     causal_cache_mask,
     dense,
     empty_cache,
+    last_token,
     layer_norm,
     masked_softmax,
     write_cache,
@@ -230,15 +231,7 @@ class GPT2(nn.Module):
         if self.task == "causal-lm":
             out["logits"] = transformer.wte.attend(hidden[:, -1:] if last_logits_only else hidden)
         elif self.task == "sequence-classification":
-            # HF pools the rightmost token that is not pad_token_id; without one we use the attention mask.
-            if cfg.pad_token_id is not None:
-                real = input_ids != cfg.pad_token_id
-            elif attention_mask is not None:
-                real = attention_mask.astype(bool)
-            else:
-                real = jnp.ones(input_ids.shape, bool)
-            last = jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
-            pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+            pooled = last_token(hidden, input_ids, attention_mask, cfg.pad_token_id)
             out["logits"] = Dense(
                 cfg.num_labels,
                 use_bias=False,

@@ -34,6 +34,7 @@ from lora_jax.models.common import (
     causal_cache_mask,
     dense,
     empty_cache,
+    last_token,
     masked_softmax,
     rms_norm,
     rope_frequencies,
@@ -271,15 +272,7 @@ class Llama(nn.Module):
                 model.embed_tokens.attend(h) if cfg.tie_word_embeddings else head(cfg.vocab_size, "lm_head")(h)
             )
         elif self.task == "sequence-classification":
-            # transformers pools the rightmost token that is not pad_token_id; without one, the attention mask's.
-            if cfg.pad_token_id is not None:
-                real = input_ids != cfg.pad_token_id
-            elif attention_mask is not None:
-                real = attention_mask.astype(bool)
-            else:
-                real = jnp.ones(input_ids.shape, bool)
-            last = jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
-            pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+            pooled = last_token(hidden, input_ids, attention_mask, cfg.pad_token_id)
             out["logits"] = head(cfg.num_labels, "score")(pooled)
         return out
 
