@@ -93,7 +93,7 @@ def make_demo_runs(root: Path, ranks: tuple[int, int] = (4, 16), steps: int = 20
     from lora_jax.lora import lora_wrap, partition, trainable_mask, unpartition
     from lora_jax.models import bert, hub
     from lora_jax.models.spec import param_shapes
-    from lora_jax.train import make_steps
+    from lora_jax.train import TrainState, make_steps
 
     config = bert.Config(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
@@ -121,12 +121,13 @@ def make_demo_runs(root: Path, ranks: tuple[int, int] = (4, 16), steps: int = 20
         wrapped = lora_wrap(params, lora, jax.random.key(seed))  # another seed: independent A inits
         trainable, frozen = partition(wrapped, trainable_mask(wrapped, lora))
         tx = optax.adam(3e-3)
-        opt_state = tx.init(trainable)
+        state = TrainState(trainable, tx.init(trainable), jax.numpy.zeros((), jax.numpy.int32))
         train_step = jax.jit(make_steps(module, tx, num_labels=2, seed=seed)[0])
         for step in range(steps):
             batch = {"input_ids": ids[step], "attention_mask": np.ones_like(ids[step]), "labels": labels[step],
                      "weights": np.ones(len(ids[step]), np.float32)}  # fmt: skip
-            trainable, opt_state, loss = train_step(trainable, opt_state, frozen, batch, step)
+            state, loss = train_step(state, frozen, batch)
+        trainable = state.trainable
         run = root / "demo" / "task" / f"lora_r{r}_a{r}_seed{seed}"
         save_adapter(run / "adapter", unpartition(trainable, frozen), lora)
         run_config = {"model": {"name_or_path": str(base_dir)}, "lora": {"r": r, "alpha": r}, "seed": seed,

@@ -192,6 +192,7 @@ CHAT = (
 )
 
 
+@pytest.mark.skipif(not Path(GPT2_TOKENIZER).is_dir(), reason="no GPT-2 tokenizer (set LORA_JAX_GPT2_TOKENIZER)")
 def test_command_line_chats_through_the_template(tmp_path, capsys):
     tokenizer = transformers.AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
     tokenizer.chat_template = CHAT
