@@ -38,7 +38,7 @@ def launch(args: list[str], devices: int) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LORA_JAX_MULTIPROCESS_TEST") != "1",
-    reason="set LORA_JAX_MULTIPROCESS_TEST=1: on a loaded 2-core CPU one process can miss Gloo's fixed 30 s peer timeout",
+    reason="set LORA_JAX_MULTIPROCESS_TEST=1 (on a loaded 2-core CPU a process can miss Gloo's 30 s peer timeout)",
 )
 def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
     tiny_bert = save_tiny_bert(tmp_path / "tiny_bert", dropout=0.1)
