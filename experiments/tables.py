@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 import yaml
 from aggregate import Group, group_runs, load_summaries
+from lr_selection import lr_selection_table
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,6 +291,7 @@ def main(cfg: DictConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = {
         "glue_minilm.md": glue_minilm(results_dir, out_dir),
+        "glue_lr_selection.md": lr_selection_table(results_dir, out_dir),
         "table2_glue.md": glue_reproduction(results_dir, out_dir),
         "table5_weight_types.md": sweep_table(results_dir, out_dir, "weight_type_minilm", "table5", "rank_minilm"),
         "table6_rank.md": sweep_table(results_dir, out_dir, "rank_minilm", "table6", "weight_type_minilm"),
