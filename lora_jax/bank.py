@@ -326,6 +326,30 @@ def mixed_apply(apply: Callable[..., Any], base: Params, stack: Params, adapter_
     return jax.tree.map(lambda x: x[inverse] if getattr(x, "ndim", 0) and x.shape[0] == len(order) else x, out)
 
 
+def routed_rows(params: Params) -> int | None:
+    """How many rows `route`d params serve (their LoRA leaves' leading axis), or None for plain params."""
+    leaves = {p.rsplit(".", 1)[-1]: leaf for p, leaf in leaf_paths(filter_leaves(params, is_lora_leaf))}
+    if LORA_GROUPS in leaves:
+        raise LoraError("Params from route_grouped cannot decode (rows change order); route rows with bank.route.")
+    rows = [np.shape(leaf)[0] for name, leaf in leaves.items() if name.startswith(LORA_A) and np.ndim(leaf) == 3]
+    return int(rows[0]) if rows else None
+
+
+def repeat_rows(params: Params, times: int) -> dict[str, Any]:
+    """`route`d params for rows x times rows, each row's adapter `times` times in a row: how beam search gives
+    every beam its prompt's adapter. Plain params (no per-row leaves) come back as they are."""
+
+    def repeat(path: str, leaf: Any) -> Any:
+        name = path.rsplit(".", 1)[-1]
+        factor, scale = name.startswith((LORA_A, LORA_B)), name.startswith(LORA_SCALE)
+        per_row = factor and np.ndim(leaf) == 3 or scale and np.ndim(leaf) == 1
+        return jnp.repeat(leaf, times, axis=0) if per_row else leaf
+
+    if times == 1 or routed_rows(params) is None:
+        return params
+    return nest({p: repeat(p, leaf) for p, leaf in leaf_paths(params)})
+
+
 def _gather(stack: Params, index: jax.Array) -> dict[str, Any]:
     safe = jnp.maximum(index, 0)
 

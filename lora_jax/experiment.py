@@ -18,7 +18,7 @@ import subprocess
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -34,6 +34,7 @@ from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, count_params, lora_wrap
 from lora_jax.models.hub import from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
+from lora_jax.sweep import SweepRun, train_packed
 from lora_jax.train import EvalSpec, TrainConfig, train
 
 RUN_LEVEL = ("method", "seed", "progress", "exports")  # TrainConfig fields that are top-level run keys
@@ -214,10 +215,72 @@ def start_distributed(cluster: Mapping[str, Any]) -> None:
 
 def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = None) -> dict[str, Any]:
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
+    task, config, out_dir = _start(cfg)
+    module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)
+    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm")
+    export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
+    summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, _loggers(cfg, out_dir),
+                    on_epoch=on_epoch, export=export)  # fmt: skip
+    return _finish(cfg, task, lora, summary, out_dir)
+
+
+PACKED_KEYS = ("seed", "optim.lr", "lora.r", "lora.alpha", "run", "out_dir")  # what a packed sweep's runs vary
+
+
+def run_packed(cfgs: Sequence[DictConfig]) -> list[dict[str, Any]]:
+    """The runs of a sweep over seed / optim.lr / lora.r / lora.alpha of one task trained as one program
+    (lora_jax.sweep): each run's folder, metrics, summary and adapter are what `run` writes for it alone."""
+    if not cfgs:
+        raise ValueError("run_packed needs at least one config.")
+    for cfg in cfgs:
+        OmegaConf.resolve(cfg)
+    first = _unswept(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = _unswept(cfg)
+        if other != first:
+            keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            raise ValueError(
+                f"packed runs may vary only {', '.join(PACKED_KEYS[:4])}; run {cfg.run} also changes {keys}: "
+                "sweep those with the basic launcher."
+            )
+    if cfgs[0].method != "lora" or is_encoder_decoder(model_folder(cfgs[0].model.name_or_path)):
+        raise ValueError("packed sweeps train LoRA classifiers; run method=full/bitfit and seq2seq models unpacked.")
+    started = [_start(cfg) for cfg in cfgs]
+    task = started[0][0]
+    runs, loaded = [], None
+    for cfg, (_, config, out_dir) in zip(cfgs, started, strict=True):
+        module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)  # each seed its own head
+        loaded = loaded or (module, tokenizer, model_config, hf_task)
+        export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
+        runs.append(SweepRun(params, config, lora, out_dir, _loggers(cfg, out_dir), export))
+    module, tokenizer, model_config, _ = loaded
+    train_set, eval_sets, spec = _datasets(cfgs[0], task, tokenizer, model_config, False)
+    summaries = train_packed(module, runs, train_set, eval_sets, spec)
+    return [_finish(cfg, task, r.lora_config, s, r.out_dir) for cfg, r, s in zip(cfgs, runs, summaries, strict=True)]
+
+
+def _unswept(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as a flat {dotted key: value}, without the keys a packed sweep may vary."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif prefix[:-1] not in PACKED_KEYS:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def _start(cfg: DictConfig) -> tuple[Any, TrainConfig, Path]:
+    """Check the config (an unknown task and bad optimizer values fail here, before anything loads), set up the
+    process, and write the resolved config.yaml into the run's folder."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
-    task = task_from_config(cfg.task, cfg.data)  # an unknown task fails here, before anything loads
+    task = task_from_config(cfg.task, cfg.data)
     OmegaConf.resolve(cfg)
-    config = train_config(cfg)  # bad optimizer values fail here
+    config = train_config(cfg)
     if cfg.distributed:
         start_distributed(cfg.get("cluster") or {})
     if cfg.get("compilation_cache"):  # seeds and reruns of a config reuse XLA programs instead of recompiling
@@ -227,7 +290,11 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return task, config, out_dir
 
+
+def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, str]:
+    """(module, params (LoRA-wrapped for method lora), tokenizer, model config, LoRA config, HF task)."""
     folder = model_folder(cfg.model.name_or_path)
     seq2seq = is_encoder_decoder(folder)
     hf_task = "seq2seq-lm" if seq2seq else "sequence-classification"
@@ -248,19 +315,22 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
             params, _ = load_adapter(Path(cfg.init_from) / "adapter", params, lora_only=True)
             print(f"LoRA leaves initialised from {cfg.init_from}")
         print(count_params(params, lora))
+    return module, params, tokenizer, model_config, lora, hf_task
 
-    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, seq2seq)
-    loggers = []
-    if cfg.logger.kind == "wandb" and jax.process_index() == 0:
-        loggers.append(
-            WandbLogger(
-                out_dir, OmegaConf.to_container(cfg), project=cfg.logger.project, entity=cfg.logger.entity,
-                group=f"{cfg.exp_name}/{cfg.task}", name=cfg.run, mode=cfg.logger.mode, tags=list(cfg.logger.tags),
-            )  # fmt: skip
-        )
-    export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
-    summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, loggers, on_epoch=on_epoch,
-                    export=export)  # fmt: skip
+
+def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
+    if cfg.logger.kind != "wandb" or jax.process_index() != 0:
+        return []
+    return [
+        WandbLogger(
+            out_dir, OmegaConf.to_container(cfg), project=cfg.logger.project, entity=cfg.logger.entity,
+            group=f"{cfg.exp_name}/{cfg.task}", name=cfg.run, mode=cfg.logger.mode, tags=list(cfg.logger.tags),
+        )  # fmt: skip
+    ]
+
+
+def _finish(cfg: DictConfig, task: Any, lora: LoraConfig, summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Add the run's provenance to its summary and write summary.json (atomically)."""
     summary.update(
         exp=cfg.exp_name, task=cfg.task, run=cfg.run, seed=cfg.seed, model=cfg.model.name_or_path,
         lora=lora.to_dict() if cfg.method == "lora" else None, git_commit=git_commit(),

@@ -163,6 +163,18 @@ class TrainState:
     step: jax.Array  # int32; dropout masks are fold_in(seed, step)
 
 
+def make_loss(module: nn.Module, num_labels: int) -> Callable[..., jax.Array]:
+    """loss(trainable, frozen, batch, dropout_key): the training loss of one step (shared with lora_jax.sweep)."""
+
+    def loss_fn(trainable, frozen, batch, dropout_key):
+        params = unpartition(trainable, frozen)
+        rngs = {"dropout": dropout_key}
+        out = module.apply({"params": params}, **_model_inputs(batch), deterministic=False, rngs=rngs)
+        return batch_loss(out["logits"], batch["labels"], batch["weights"], num_labels)
+
+    return loss_fn
+
+
 def make_steps(
     module: nn.Module,
     tx: optax.GradientTransformation,
@@ -174,15 +186,11 @@ def make_steps(
     eval_step(trainable, frozen, batch) -> logits, or with `generate(module, params, batch)` (seq2seq) the
     generated tokens."""
     base_key = jax.random.key(seed)
-
-    def loss_fn(trainable, frozen, batch, step):
-        params = unpartition(trainable, frozen)
-        rngs = {"dropout": jax.random.fold_in(base_key, step)}
-        out = module.apply({"params": params}, **_model_inputs(batch), deterministic=False, rngs=rngs)
-        return batch_loss(out["logits"], batch["labels"], batch["weights"], num_labels)
+    loss_fn = make_loss(module, num_labels)
 
     def train_step(state: TrainState, frozen, batch) -> tuple[TrainState, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, state.step)
+        dropout_key = jax.random.fold_in(base_key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(trainable, opt_state, state.step + 1), loss

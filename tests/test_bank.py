@@ -15,7 +15,7 @@ from lora_jax.adapters import save_adapter
 from lora_jax.adapters_peft import _our_module
 from lora_jax.combination import combine_adapters, drop_mask
 from lora_jax.lora import LoraConfig, LoraError, lora_params, lora_wrap, merge, strip_lora
-from lora_jax.models import gpt2, hub
+from lora_jax.models import gpt2, hub, llama
 from lora_jax.tree import combine, leaf_paths
 from tests.test_hub import perturb_lora_b
 from tests.test_models_bert import make_hf
@@ -227,16 +227,57 @@ def test_mixed_batch_gpt2_fused_slices_equal_rows_alone():
     np.testing.assert_allclose(ours[real], alone[real], atol=TOL, rtol=0)
 
 
-def test_mixed_batch_greedy_decoding_with_the_kv_cache_equals_rows_alone():
-    module, params, bank = gpt2_bank()
+@functools.cache
+def llama_bank():
+    config = llama.Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+    )  # fmt: skip
+    module = llama.build(config, "causal-lm")
+    params = jax.jit(module.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    bank = lb.new_bank(params, r_max=4)
+    targets = llama.LORA_TARGETS
+    configs = {
+        "qv": LoraConfig(r=4, alpha=8, targets=(targets["q"], targets["v"])),
+        "mlp": LoraConfig(r=2, alpha=2, targets=(targets["mlp"],)),
+        "ko": LoraConfig(r=3, alpha=9, targets=(targets["k"], targets["o"])),
+    }
+    for i, (name, config) in enumerate(configs.items()):
+        wrapped = perturb_lora_b(lora_wrap(params, config, jax.random.key(i)), seed=i)
+        bank = lb.add(bank, name, lora_params(wrapped))
+    return module, params, bank
+
+
+DECODES = {  # each with the KV cache; beams: every beam of a prompt keeps that prompt's adapter
+    "greedy": dict(max_new_tokens=8),
+    "beam": dict(max_new_tokens=8, num_beams=3, length_penalty=0.9, no_repeat_ngram_size=2),
+}
+
+
+@pytest.mark.parametrize("decode", list(DECODES))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mixed_batch_decoding_with_the_kv_cache_equals_rows_alone(family, decode):
+    module, params, bank = {"gpt2": gpt2_bank, "llama": llama_bank}[family]()
+    generate = {"gpt2": gpt2.generate, "llama": llama.generate}[family]
     ids, mask = batch(rows=len(ROW_IDS), length=6, seed=2)
-    ours = np.asarray(gpt2.generate(module, lb.route(bank.base, bank.stack, jnp.array(ROW_IDS)), ids, mask, 8))
+    kw = DECODES[decode]
+    ours = np.asarray(generate(module, lb.route(bank.base, bank.stack, jnp.array(ROW_IDS)), ids, mask, **kw))
     alone = []
     for i, slot in enumerate(ROW_IDS):
         p = params if slot < 0 else merge(combine(params, lb.adapter(bank, bank.slots[slot])))
-        alone.append(np.asarray(gpt2.generate(module, p, ids[i : i + 1], mask[i : i + 1], 8))[0])
+        alone.append(np.asarray(generate(module, p, ids[i : i + 1], mask[i : i + 1], **kw))[0])
     np.testing.assert_array_equal(ours, np.stack(alone))
     assert len({tuple(r) for r in ours}) > 2  # the adapters steer the continuations apart
+
+
+def test_decoding_refuses_params_routed_for_other_rows():
+    module, _, bank = gpt2_bank()
+    ids, mask = batch(rows=4, length=6)
+    routed = lb.route(bank.base, bank.stack, jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="routed for 2 rows but 4 prompts"):
+        gpt2.generate(module, routed, ids, mask, max_new_tokens=2)
+    grouped, _ = lb.route_grouped(bank.base, bank.stack, jnp.array([0, 1, 2, -1]))
+    one_line_error(lambda: gpt2.generate(module, grouped, ids, mask, max_new_tokens=2), "route_grouped cannot decode")
 
 
 # ---------------------------------------------------------------------------------------------------------------

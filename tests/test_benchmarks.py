@@ -125,3 +125,27 @@ def test_matmul_ceiling_is_floor_time_over_the_matmuls_time():
     assert report.matmul_ceiling(results, "lora_jax/full") is None  # not measured: no bound claimed
     split = "\n".join(report._time_split(results))
     assert "| lora_jax/lora | 500.0 | 3 (2 distinct) | 250.0 | 8.0 | 0.50 | 250.0 | 0.80 |" in split
+
+
+@pytest.mark.slow  # one process per configuration
+def test_bank_benchmark_quick_runs_every_configuration(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/bank.py", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("bank-*.json")
+    configs = json.loads(result.read_text())["configs"]
+    expected = {"tiny/train/packed-2", "tiny/train/sequential-2", "tiny/serve/merged-1"} | {
+        f"tiny/serve/{mode}-{n}" for mode in ("routed", "merge-per-request", "peft") for n in (1, 2)
+    }
+    assert set(configs) == expected
+    failed = {name: r["error"][-500:] for name, r in configs.items() if "error" in r}
+    assert not failed, failed
+    assert all(r["median_s"] > 0 for r in configs.values())
+    assert configs["tiny/serve/routed-2"]["tokens_per_s"] > 0
+    assert "x the throughput of tiny/train/sequential-2" in next(tmp_path.glob("bank-*.md")).read_text()

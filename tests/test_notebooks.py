@@ -143,3 +143,40 @@ def test_compare_runs_notebook_on_fake_run_folders(tmp_path, monkeypatch):
 def test_compare_runs_notebook_refuses_a_missing_experiment(tmp_path):
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="No experiment folder"):
         execute("compare_runs.py", tmp_path, RESULTS_DIR=str(tmp_path), EXP="nothing_here", OUT=str(tmp_path / "o"))
+
+
+def write_tiny_rte(root: Path, sizes: tuple[tuple[str, int], ...] = (("train", 48), ("dev", 20))) -> Path:
+    """RTE-format TSVs under root/RTE: entailment when the second sentence repeats the first's opening words."""
+    from tests.conftest import WORDS
+
+    rng = np.random.default_rng(1)
+    (root / "RTE").mkdir(parents=True, exist_ok=True)
+    for split, n in sizes:
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            a = list(rng.choice(WORDS, size=rng.integers(4, 9)))
+            entails = bool(rng.integers(2))
+            b = a[:3] if entails else list(rng.choice(WORDS, size=3))
+            lines.append(f"{i}\t{' '.join(a)}\t{' '.join(b)}\t{'entailment' if entails else 'not_entailment'}")
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_adapter_bank_notebook_on_a_tiny_model_and_two_tiny_tasks(tmp_path):
+    from tests.conftest import save_tiny_bert, write_tiny_mrpc
+
+    model = save_tiny_bert(tmp_path / "bert", dropout=0.0)
+    glue = write_tiny_rte(write_tiny_mrpc(tmp_path / "glue"))
+    out = tmp_path / "out"
+    outputs = execute("adapter_bank.py", tmp_path, MODEL=str(model), GLUE_DIR=str(glue), TASKS=("mrpc", "rte"),
+                      MAX_STEPS=4, MAX_LEN=32, WEIGHTS=(0.0, 0.5, 1.0), OUT=str(out))  # fmt: skip
+    assert shown(outputs, "image/png") == 1 and shown(outputs, "text/markdown") == 1
+    assert_drawn(out / "interpolation.png")
+    text = "".join(output.get("text", "") for output in outputs)
+    assert "mixed batch of 8 rows (4 per task)" in text
+    rows = [line.split("|")[1:-1] for line in (out / "interpolation.md").read_text().splitlines()[2:]]
+    assert [float(r[0]) for r in rows] == [0.0, 0.5, 1.0]
+    # The ends of the sweep are each adapter alone: the dev score its own run recorded.
+    best = {task: json.loads((out / "runs" / task / "summary.json").read_text())["best"] for task in ("mrpc", "rte")}
+    assert float(rows[-1][1]) == pytest.approx(best["mrpc"], abs=1e-4)
+    assert float(rows[0][2]) == pytest.approx(best["rte"], abs=1e-4)

@@ -182,3 +182,25 @@ def test_bad_overrides_give_one_clear_line(extra, expected, tiny_bert, tiny_glue
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(expected), err[-2000:]
     assert "Traceback" not in err
+
+
+def test_packed_launcher_runs_a_sweep_as_one_program_with_the_separate_runs_folders(reference_run, tiny_bert,
+                                                                                     tiny_glue, tmp_path):  # fmt: skip
+    """`-m hydra/launcher=packed seed=0,1 lora.r=2,4`: four runs in one process, one folder each, named as the
+    basic launcher names them; the (seed 0, r 4) one equals the reference run made alone (dropout on)."""
+    args = [*overrides(tiny_bert, tiny_glue, tmp_path), "-m", "hydra/launcher=packed", "seed=0,1", "lora.r=2,4"]
+    code, out, err = finish(run_py(args))
+    assert code == 0, err[-3000:]
+    sweep = tmp_path / "default" / "mrpc"
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert names == ["lora_r2_a8_seed0", "lora_r2_a8_seed1", "lora_r4_a8_seed0", "lora_r4_a8_seed1"]
+    layout = {"config.yaml", "metrics.jsonl", "train.jsonl", "summary.json", "checkpoints", "adapter", ".hydra"}
+    for name in names:
+        assert layout <= {p.name for p in (sweep / name).iterdir()}
+        assert len(json.loads((sweep / name / "summary.json").read_text())["packed_with"]) == 4
+    ours, theirs = sweep / "lora_r4_a8_seed0", reference_run
+    for key, value in latest_state(theirs).items():
+        np.testing.assert_allclose(latest_state(ours)[key], value, atol=1e-5, rtol=0, err_msg=key)
+    losses = lambda d: [r["loss"] for r in read_jsonl(d / "train.jsonl")]  # noqa: E731
+    np.testing.assert_allclose(losses(ours), losses(theirs), atol=1e-5, rtol=0)
+    assert "Packing 4 jobs into one program" in out + err

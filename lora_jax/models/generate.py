@@ -8,6 +8,9 @@ alone. Each mode follows transformers' `generate` step for step (its logits proc
 vectorised beam search with the same candidates, scores and early-stop heuristic), so tokens and beam scores
 match it.
 
+Mixed batches: params `route`d by an adapter bank (`lora_jax.bank.route`, one adapter per prompt) decode as they
+are; beam search repeats each prompt's adapter for its beams, whose cache rows never leave their prompt.
+
 A model plugs in as a `CausalLM`: a logits function, a cache constructor and a maximum length. Nothing here
 knows a family: gpt2.causal_lm and llama.causal_lm build one from a module.
 """
@@ -21,6 +24,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from lora_jax.bank import repeat_rows, routed_rows
 
 _NEG = -1.0e9  # transformers' "impossible" beam score; kept identical so sums and ties match
 
@@ -77,7 +82,7 @@ def generate(
 
     Arguments mean what they mean in transformers' `generate`; top_k=0 and top_p=1.0 switch those filters off.
     `rng` (a jax key) is needed with do_sample. num_beams > 1 returns the best beam (`beam_search` also gives
-    its score).
+    its score). `params` may be a bank's `route(base, stack, adapter_ids)`: each prompt decodes with its adapter.
     """
     return _decode(**locals())[0]
 
@@ -108,6 +113,11 @@ def _decode(
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     _check(lm, input_ids.shape[1], max_new_tokens, num_beams, do_sample, rng, early_stopping, top_p, temperature)
+    routed = routed_rows(params)
+    if routed is not None and routed != input_ids.shape[0]:
+        raise ValueError(
+            f"params are routed for {routed} rows but {input_ids.shape[0]} prompts came; one id per prompt."
+        )
     eos = () if eos_token_id is None else tuple(int(e) for e in _as_list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     plan = Plan(max_new_tokens, eos, int(pad), do_sample, num_beams, int(no_repeat_ngram_size), early_stopping)
@@ -161,10 +171,11 @@ def _run(lm: CausalLM, plan: Plan, params, input_ids, attention_mask, knobs, key
     # The whole sequence, prompt included, as transformers keeps it: no-repeat-ngram looks at the prompt too.
     sequence = jnp.concatenate([input_ids, jnp.full((batch, plan.max_new_tokens), plan.pad, jnp.int32)], axis=1)
     cache_mask, positions = (jnp.repeat(x, plan.num_beams, axis=0) for x in (cache_mask, positions))
+    step_params = repeat_rows(params, plan.num_beams)  # a mixed batch's adapters follow their prompts' beams
 
     def step(tokens, cache, index):
         pos = positions[:, -1] + 1 + (index - prompt_len)
-        return lm.logits(params, tokens[:, None], pos[:, None], cache, cache_mask, index)
+        return lm.logits(step_params, tokens[:, None], pos[:, None], cache, cache_mask, index)
 
     return search(plan, knobs, step, logits, cache, sequence, prompt_len, key)
 

@@ -1,0 +1,312 @@
+"""A sweep of K LoRA runs of one task trained as one program: the same per-run folders as K separate `train` calls.
+
+The runs may differ in seed (LoRA init, head init, batch order, dropout), learning rate, rank and alpha; all else
+is one TrainConfig. Each run's trainable half (LoRA A/B and the head it trains) is zero-padded to the largest
+rank and stacked on a leading K axis, with a 0/1 mask over the padding; the frozen base is held once. One jitted
+step vmaps train.py's loss and optimizer over K, so every matmul of the base reads its weights once for all K
+runs. A padded slot gets a zero gradient and a masked update, so it stays exactly zero and the real slots follow
+a separate run's arithmetic: the optimizer runs with a peak rate of 1 and each run's update is scaled by its own
+rate, which equals the run's own schedule up to float rounding.
+
+Everything a separate run writes is written per run, by the same code: checkpoints hold each run's own
+(unpadded) trainable half and optimizer state, so a packed sweep resumes from them, and each folder's
+metrics.jsonl, train.jsonl, best checkpoint and exports are what `train` would have written there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from lora_jax.checkpoint import RunCheckpoints
+from lora_jax.data.batching import bucket_length, default_buckets, epoch_plan, num_batches, sequence_lengths, take
+from lora_jax.export import Export, write_exports
+from lora_jax.logging import JsonlLogger, Logger, Loggers
+from lora_jax.lora import LoraConfig, LoraError, count_params, is_lora_leaf, partition, trainable_mask, unpartition
+from lora_jax.sharding import make_mesh
+from lora_jax.train import (
+    EvalSpec,
+    Prepared,
+    TrainConfig,
+    TrainState,
+    _best_params,
+    _eval_and_checkpoint,
+    _Run,
+    _tokens,
+    linear_schedule,
+    make_loss,
+    make_optimizer,
+    make_steps,
+)
+from lora_jax.tree import Params, leaf_paths, map_with_path
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """One run of a packed sweep: its lora_wrap'd params (own seed), config, LoRA config and folder."""
+
+    params: Params
+    config: TrainConfig
+    lora_config: LoraConfig
+    out_dir: Path
+    loggers: Sequence[Logger] = ()
+    export: Export | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stacking trees of different ranks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stack_padded(trees: Sequence[Any]) -> tuple[Any, Any]:
+    """(stacked, mask): each leaf zero-padded to the largest shape among the trees and stacked on a new axis 0;
+    mask is 1 where a tree had a value, 0 on its padding."""
+
+    def padded(x: Any, shape: tuple[int, ...]) -> jax.Array:
+        if np.shape(x) == shape:
+            return jnp.asarray(x)
+        return jnp.pad(jnp.asarray(x), [(0, n - m) for n, m in zip(shape, np.shape(x), strict=True)])
+
+    def stack(*leaves: Any) -> jax.Array:
+        shape = tuple(max(sizes) for sizes in zip(*(np.shape(x) for x in leaves), strict=True))
+        return jnp.stack([padded(x, shape) for x in leaves])
+
+    stacked = jax.tree.map(stack, *trees)
+    mask = jax.tree.map(lambda *leaves: stack(*(jnp.ones(np.shape(x), jnp.float32) for x in leaves)), *trees)
+    return stacked, mask
+
+
+def unstack(stacked: Any, index: int, like: Any) -> Any:
+    """Tree `index` of a stack, each leaf cut back to `like`'s shape (what stack_padded padded it from)."""
+    return jax.tree.map(lambda s, x: s[index][tuple(slice(0, n) for n in np.shape(x))], stacked, like)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The packed step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def packed_train_step(module: nn.Module, tx: optax.GradientTransformation, num_labels: int):
+    """`(state, own, shared, batches, seeds, lrs, mask) -> (state, losses (K,))`, pure and ready for jit.
+
+    state: a TrainState whose trainable and opt_state carry the K axis (step is shared); own: each run's frozen
+    LoRA leaves (scale, slice, dropout rate) stacked; shared: the frozen base, held once; batches: (K, rows, ...)
+    """
+    loss_fn = make_loss(module, num_labels)
+
+    def one(trainable, opt_state, own, batch, seed, lr, mask, shared, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)  # what a separate run of this seed draws
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, unpartition(own, shared), batch, key)
+        grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, mask)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        updates = jax.tree.map(lambda u, m: u * (m * lr).astype(u.dtype), updates, mask)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    def step(state: TrainState, own, shared, batches, seeds, lrs, mask) -> tuple[TrainState, jax.Array]:
+        vmapped = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None))
+        trainable, opt_state, losses = vmapped(
+            state.trainable, state.opt_state, own, batches, seeds, lrs, mask, shared, state.step
+        )
+        return TrainState(trainable, opt_state, state.step + 1), losses
+
+    return step
+
+
+def _check(runs: Sequence[SweepRun]) -> None:
+    if not runs:
+        raise ValueError("a packed sweep needs at least one run.")
+    unswept = lambda c: dataclasses.replace(c, seed=0, lr=1.0)  # noqa: E731
+    first = unswept(runs[0].config)
+    for run in runs:
+        config = unswept(run.config)
+        if config.method != "lora":
+            raise LoraError(f"{run.out_dir}: a packed sweep trains LoRA runs only, not method={config.method!r}.")
+        if config != first:
+            diff = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(first, f.name)]
+            raise ValueError(f"packed runs may differ only in seed, lr, r and alpha; {run.out_dir} differs in {diff}.")
+        if config.fsdp or jax.process_count() > 1:
+            raise ValueError("a packed sweep runs on one host without fsdp; launch such runs separately.")
+    if len({str(r.out_dir) for r in runs}) < len(runs):
+        raise ValueError("two packed runs share a folder; give each its own `run` name (seed, lr, r in it).")
+
+
+def _split_frozen(frozens: Sequence[Any], names: Sequence[str]) -> tuple[list[Any], Any]:
+    """(each run's frozen LoRA leaves, the frozen rest held once), refusing runs whose frozen base differs."""
+    owns, rests = [], []
+    for frozen in frozens:
+        own, rest = partition(frozen, map_with_path(lambda path, _: is_lora_leaf(path), frozen))
+        owns.append(own)
+        rests.append(rest)
+    first = dict(leaf_paths(rests[0]))
+    for name, rest in zip(names[1:], rests[1:], strict=True):
+        for path, leaf in leaf_paths(rest):
+            if leaf is not first[path] and not np.array_equal(np.asarray(leaf), np.asarray(first[path])):
+                raise LoraError(
+                    f"{name}: frozen weight {path} differs from the first run's (a freshly initialised "
+                    "module outside train_also?); add it to lora.train_also or run the sweep separately."
+                )
+    return owns, rests[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _stacked_batches(dataset, batch_size: int, seeds: Sequence[int], epoch: int, skip: int, num_devices: int):
+    """Each step's batch of every run (its own seed's order, as epoch_batches gives it), all cropped to the widest
+    of them so they stack: a run's extra columns are the dataset's own padding, masked out."""
+    lengths, rows = sequence_lengths(dataset), -(-batch_size // num_devices) * num_devices
+    buckets = default_buckets(dataset["attention_mask"].shape[1])
+    plans = [epoch_plan(lengths, batch_size, seed, epoch)[skip:] for seed in seeds]
+    for indices in zip(*plans, strict=True):
+        width = max(bucket_length(int(lengths[i].max()), buckets) for i in indices)
+        yield [take(dataset, i, rows, (width,)) for i in indices]
+
+
+def train_packed(
+    module: nn.Module,
+    runs: Sequence[SweepRun],
+    train_set: dict[str, np.ndarray],
+    eval_sets: dict[str, dict[str, np.ndarray]],
+    spec: EvalSpec,
+    mesh: Any = None,
+) -> list[dict[str, Any]]:
+    """Train every run in `runs` at once; returns their summaries, each what `train` would return for it (plus
+    `packed_with`, the folders trained together; wall and step times are the sweep's)."""
+    mesh = mesh or make_mesh()
+    _check(runs)
+    config = runs[0].config
+    steps_per_epoch = num_batches(train_set, config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    opt_steps = math.ceil(total / config.grad_accum)
+    tx = make_optimizer(dataclasses.replace(config, lr=1.0), opt_steps)
+    schedules = [linear_schedule(r.config, opt_steps) for r in runs]
+
+    halves = [partition(r.params, trainable_mask(r.params, r.lora_config, "lora")) for r in runs]
+    trainables = [t for t, _ in halves]
+    owns, shared = _split_frozen([f for _, f in halves], [str(r.out_dir) for r in runs])
+    opt_states = [tx.init(t) for t in trainables]
+    frozens = [unpartition(own, shared) for own in owns]
+
+    # Per-run bookkeeping, exactly as train() keeps it; a sweep resumes only if all its runs stand at one step.
+    started = time.perf_counter()
+    books, states = [], []
+    for run, trainable, opt_state in zip(runs, trainables, opt_states, strict=True):
+        checkpoints = RunCheckpoints(Path(run.out_dir) / "checkpoints")
+        meta = {"step": 0, "epoch": 0, "history": [], "best": None, "best_epoch": None, "wall_time": 0.0,
+                "tokens": 0, "step_time": 0.0}  # fmt: skip
+        restored = checkpoints.restore_latest({"trainable": trainable, "opt_state": opt_state})
+        if restored is not None:
+            saved, meta = restored
+            trainable, opt_state = saved["trainable"], saved["opt_state"]
+        logger = Loggers(JsonlLogger(run.out_dir, resume_step=meta["step"]), *run.loggers)
+        books.append(_Run(Path(run.out_dir), checkpoints, logger, meta, started - meta["wall_time"]))
+        states.append((trainable, opt_state))
+    at = {str(b.out_dir): b.meta["step"] for b in books}
+    if len(set(at.values())) > 1:
+        raise ValueError(f"packed runs resume together, but they stand at different steps {at}; "
+                         "finish them separately or delete their checkpoints/.")  # fmt: skip
+    step = books[0].meta["step"]
+    if step:
+        print(f"resuming {len(runs)} packed runs from step {step}")
+
+    trainable, mask = stack_padded([t for t, _ in states])
+    opt_state, _ = stack_padded([o for _, o in states])
+    own, _ = stack_padded(owns)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(TrainState(trainable, opt_state, jnp.asarray(step, jnp.int32)), replicated)
+    shared, own, mask = jax.device_put((shared, own, mask), replicated)
+    seeds = jnp.asarray([r.config.seed for r in runs], jnp.uint32)
+    lrs = jnp.asarray([r.config.lr for r in runs], jnp.float32)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+    train_step = jax.jit(packed_train_step(module, tx, spec.num_labels), donate_argnums=(0,))
+    _, eval_step = make_steps(module, tx, spec.num_labels, config.seed, spec.generate)
+    eval_step = jax.jit(eval_step)
+
+    def run_view(k: int) -> tuple[Prepared, TrainState]:
+        """Run k as train() holds it: its own unpadded trainable half and optimizer state."""
+        like_t, like_o = states[k]
+        view = TrainState(unstack(state.trainable, k, like_t), unstack(state.opt_state, k, like_o), state.step)
+        return Prepared(None, eval_step, view, frozens[k]), view
+
+    stopped_early = False
+    bar = tqdm(total=total, initial=step, disable=not config.progress, dynamic_ncols=True, unit="step")
+    pending: list[tuple[int, int, jax.Array]] = []
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        tick = time.perf_counter()
+        for batches in _stacked_batches(train_set, config.batch_size, [r.config.seed for r in runs], epoch, skip,
+                                        mesh.devices.size):  # fmt: skip
+            stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+            state, losses = train_step(state, own, shared, jax.device_put(stacked, batch_sharding), seeds, lrs, mask)
+            step += 1
+            pending.append((step, epoch, losses))
+            for book, batch in zip(books, batches, strict=True):
+                book.meta.update(epoch=epoch, tokens=book.meta["tokens"] + _tokens(batch))
+            bar.update()
+            last = step >= total or step % steps_per_epoch == 0
+            periodic = config.save_every_steps and step % config.save_every_steps == 0 and not last
+            if step % config.log_every == 0 or periodic or last:
+                values = jax.device_get([loss for *_, loss in pending])
+                for k, (book, run, schedule) in enumerate(zip(books, runs, schedules, strict=True)):
+                    book.pending = [(s, e, v[k]) for (s, e, _), v in zip(pending, values, strict=True)]
+                    book.read_losses(schedule, run.config)
+                pending.clear()
+                bar.set_postfix(loss=" ".join(f"{b.last_loss:.3f}" for b in books))
+            if periodic:
+                spent = time.perf_counter() - tick
+                for k, book in enumerate(books):
+                    book.meta["step_time"] += spent
+                    book.save_latest(run_view(k)[1], step)
+                tick = time.perf_counter()
+            if step >= total:
+                break
+        spent = time.perf_counter() - tick
+        for k, (book, run) in enumerate(zip(books, runs, strict=True)):
+            book.meta["step_time"] += spent
+            prepared, view = run_view(k)
+            record = _eval_and_checkpoint(book, prepared, view, eval_sets, spec, run.config, mesh, step, epoch)
+            bar.write(f"{run.out_dir.name} epoch {epoch}: " + ", ".join(
+                f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "main")))  # fmt: skip
+    bar.close()
+
+    summaries = []
+    for k, (book, run) in enumerate(zip(books, runs, strict=True)):
+        prepared, view = run_view(k)
+        summary = {
+            "method": run.config.method,
+            "main_metric": spec.main_metric,
+            "best": book.meta["best"],
+            "best_epoch": book.meta["best_epoch"],
+            "history": book.meta["history"],
+            "trainable_params": sum(int(np.size(x)) for x in jax.tree.leaves(view.trainable)),
+            "total_params": count_params(unpartition(view.trainable, frozens[k]), run.lora_config, "lora").total,
+            "steps": step,
+            "stopped_early": stopped_early,
+            "wall_time_s": time.perf_counter() - book.started,
+            "tokens_per_s": book.meta["tokens"] / book.meta["step_time"] if book.meta.get("step_time") else None,
+            "packed_with": [str(r.out_dir) for r in runs],
+        }
+        if book.meta["best"] is not None:
+            best = _best_params(book, prepared, view)
+            summary["exports"] = write_exports(run.out_dir, run.config.exports, best, run.lora_config, module,
+                                               "lora", run.export or Export())  # fmt: skip
+        book.logger.finish(summary)
+        book.checkpoints.close()
+        summaries.append(summary)
+    return summaries
