@@ -34,6 +34,18 @@ def shardings_for(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
     return jax.tree.map(spec, tree)
 
 
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+    """Wait until every process reaches this point (a no-op in one process).
+
+    Gloo gives processes 30 s to meet at their first collective, so one still loading or compiling when its peer
+    arrives fails the run; the coordination service's barrier has no such limit, so callers meet here first.
+    """
+    if jax.process_count() > 1:
+        from jax._src import distributed  # the coordination-service client has no public accessor
+
+        distributed.global_state.client.wait_at_barrier(f"lora_jax/{name}", timeout_in_ms=timeout_s * 1000)
+
+
 def place_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     """Rows split over the data axis. On several hosts each host passes the same global batch and
     contributes its own contiguous block of rows."""

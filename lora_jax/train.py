@@ -37,7 +37,7 @@ from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.export import Export, check_exports, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
 from lora_jax.lora import METHODS, LoraConfig, count_params, partition, trainable_mask, unpartition
-from lora_jax.sharding import make_mesh, place_batch, shardings_for
+from lora_jax.sharding import make_mesh, place_batch, shardings_for, sync_processes
 
 Params = Any
 Batch = Mapping[str, np.ndarray]
@@ -230,6 +230,7 @@ def prepare(
     trainable, frozen = partition(params, trainable_mask(params, lora_config, config.method))
     tx = make_optimizer(config, math.ceil(total_micro_steps / config.grad_accum))
     replicated = NamedSharding(mesh, PartitionSpec())
+    sync_processes("place-params")  # placing across processes is the first collective
     trainable = jax.device_put(trainable, shardings_for(trainable, mesh, config.fsdp))
     frozen = jax.device_put(frozen, shardings_for(frozen, mesh, config.fsdp))
     opt_state = tx.init(trainable)

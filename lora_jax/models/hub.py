@@ -98,7 +98,7 @@ def _read_safetensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
     """Read through JAX on the host, whose numpy knows bfloat16 (safetensors' numpy reader does not), so bf16 and
     fp16 checkpoints load in their own dtype; params_from_hf casts them to param_dtype."""
     state = {}
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's own, under multi-process too
         for file in files:
             with safe_open(file, framework="flax") as f:
                 state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118 (not a dict)
