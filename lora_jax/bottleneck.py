@@ -196,7 +196,7 @@ def adapter_wrap(params: Params, method: str, config: AdapterConfig, rng: jax.Ar
     """Add the adapter leaves of `method` after every site; leave every other leaf as it is.
 
     Each adapter's init depends only on `rng` and its module path. `adapter_up` (and both biases) start at zero,
-    so the wrapped model's outputs equal the base model's exactly.
+    so the wrapped model computes the base model's function (to the rounding of a differently compiled program).
     """
     if method not in DESIGNS:
         raise AdapterError(f"adapter method must be one of {list(DESIGNS)}, got {method!r}.")
