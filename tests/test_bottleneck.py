@@ -121,7 +121,8 @@ def test_only_the_methods_leaves_change_in_training(method):
     if method in ADAPTER_METHODS:
         assert all(p in moved for p in before if p.endswith(UP))
     norms = {p for p in mask if ".LayerNorm." in p}
-    assert bool(norms) == (method == "adapter_h")  # Houlsby trains the model's LayerNorms, the others do not
+    if method != FT_TOP2:  # Houlsby trains the model's LayerNorms, the other adapters do not
+        assert bool(norms) == (method == "adapter_h")
     if method == FT_TOP2:
         layers = {int(p.split("encoder.layer.")[1].split(".")[0]) for p in mask if "encoder.layer." in p}
         assert layers == {1, 2} and not mask - {p for p in mask if "encoder.layer." in p or "classifier" in p}
