@@ -18,6 +18,7 @@ import yaml
 from aggregate import Group, group_runs, load_summaries
 from lr_selection import lr_selection_table
 from omegaconf import DictConfig
+from param_counts import param_counts_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_TITLES = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "qqp": "QQP",
@@ -297,6 +298,7 @@ def main(cfg: DictConfig) -> None:
         "table6_rank.md": sweep_table(results_dir, out_dir, "rank_minilm", "table6", "weight_type_minilm"),
         "table7_amplification.md": amplification_table(results_dir),
         "figures_subspace.md": figures_page(results_dir, out_dir),
+        "param_counts.md": param_counts_table(paper_numbers()["param_counts"]["rows"]),
     }
     for name, text in tables.items():
         (out_dir / name).write_text(text)

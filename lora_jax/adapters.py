@@ -1,8 +1,10 @@
-"""Adapter-only files: the LoRA leaves (plus `train_also` leaves) and the LoraConfig, nothing of the base model.
+"""Adapter-only files: a method's own leaves (LoRA's, or a bottleneck adapter's) plus the other leaves it trains
+(`train_also`, FT-Top2's layers) and the LoraConfig, nothing else of the base model.
 
 A directory holds `adapter.safetensors` (dotted param paths as keys) and `lora_config.json` (the config, the
 tensor file's sha256 and the shapes). Both are written to temporary names and renamed, so a crash never leaves a
-half-written adapter behind; the checksum catches a file corrupted later. PEFT's format lives in
+half-written adapter behind; the checksum catches a file corrupted later. The json also names the training method
+(and a bottleneck adapter's AdapterConfig), which `load_adapter_method` reads. PEFT's format lives in
 `adapters_peft.py`.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from lora_jax.bottleneck import DESIGNS, DOWN, LN_BIAS, LN_SCALE, AdapterConfig, is_adapter_leaf
 from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf, trainable_mask
 from lora_jax.tree import Params, combine, leaf_paths
 
@@ -26,10 +29,15 @@ CONFIG = "lora_config.json"
 FORMAT_VERSION = 1
 
 
-def adapter_leaves(params: Params, config: LoraConfig) -> dict[str, np.ndarray]:
-    """Flat {dotted path: array} of what an adapter must carry: LoRA leaves and trainable non-LoRA leaves."""
-    mask = dict(leaf_paths(trainable_mask(params, config)))
-    return {path: np.asarray(leaf) for path, leaf in leaf_paths(params) if is_lora_leaf(path) or mask[path]}
+def _added(path: str) -> bool:
+    """A leaf a method adds beside a kernel (LoRA's or an adapter's), as opposed to one of the base model's."""
+    return is_lora_leaf(path) or is_adapter_leaf(path)
+
+
+def adapter_leaves(params: Params, config: LoraConfig, method: str = "lora") -> dict[str, np.ndarray]:
+    """Flat {dotted path: array} of what an adapter must carry: the method's added leaves and what else trains."""
+    mask = dict(leaf_paths(trainable_mask(params, config, method)))
+    return {path: np.asarray(leaf) for path, leaf in leaf_paths(params) if _added(path) or mask[path]}
 
 
 def _sha256(path: Path) -> str:
@@ -47,13 +55,20 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.remove(tmp)
 
 
-def save_adapter(directory: str | os.PathLike, params: Params, config: LoraConfig) -> Path:
-    """Write the adapter of `params` to `directory` (created if needed); returns the directory."""
+def save_adapter(
+    directory: str | os.PathLike, params: Params, config: LoraConfig, method: str = "lora",
+    adapter_config: AdapterConfig | None = None,
+) -> Path:  # fmt: skip
+    """Write what `method` trained in `params` to `directory` (created if needed); returns the directory."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_leaves(params, config)
-    if not any(is_lora_leaf(p) for p in tensors):
+    if method == "full":
+        raise LoraError("A full fine-tune has no adapter (every weight trains); export it merged (exports=[merged]).")
+    tensors = adapter_leaves(params, config, method)
+    if method == "lora" and not any(is_lora_leaf(p) for p in tensors):
         raise LoraError("These params carry no LoRA leaves; call lora_wrap before save_adapter.")
+    if method in DESIGNS and not any(is_adapter_leaf(p) for p in tensors):
+        raise LoraError(f"These params carry no adapter leaves; call bottleneck.adapter_wrap before saving {method}.")
+    directory.mkdir(parents=True, exist_ok=True)
     tensor_path = directory / TENSORS
     _atomic_write(
         tensor_path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
@@ -61,6 +76,8 @@ def save_adapter(directory: str | os.PathLike, params: Params, config: LoraConfi
     meta = {
         "format_version": FORMAT_VERSION,
         "lora_config": config.to_dict(),
+        "method": method,
+        "adapter_config": adapter_config.to_dict() if adapter_config is not None else None,
         "sha256": _sha256(tensor_path),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
     }
@@ -73,6 +90,13 @@ def save_adapter(directory: str | os.PathLike, params: Params, config: LoraConfi
 def load_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     meta = _read_meta(Path(directory))
     return LoraConfig.from_dict(meta["lora_config"])
+
+
+def load_adapter_method(directory: str | os.PathLike) -> tuple[str, AdapterConfig | None]:
+    """(training method, AdapterConfig or None) of a saved adapter; files from before methods were recorded: lora."""
+    meta = _read_meta(Path(directory))
+    adapter = meta.get("adapter_config")
+    return meta.get("method", "lora"), AdapterConfig.from_dict(adapter) if adapter else None
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -92,11 +116,11 @@ def load_adapter(
 ) -> tuple[dict[str, Any], LoraConfig]:
     """Put a saved adapter onto `base_params`; returns (params, config).
 
-    lora_only: take the LoRA leaves and leave the rest (e.g. a head for another label set) as in `base_params`;
-    this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
+    lora_only: take the added leaves (LoRA's, an adapter's) and leave the rest (e.g. a head for another label set)
+    as in `base_params`; this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
 
-    Every adapter tensor must land on a path the base model has (LoRA leaves beside an existing kernel) with
-    the shape it was saved with; anything else is a mismatched adapter and is refused by name.
+    Every adapter tensor must land on a path the base model has (added leaves beside an existing kernel of the
+    width they expect) with the shape it was saved with; anything else is a mismatched adapter, refused by name.
     """
     directory = Path(directory)
     meta = _read_meta(directory)
@@ -111,10 +135,10 @@ def load_adapter(
     base = dict(leaf_paths(base_params))
     tree: dict[str, Any] = {}
     for path, value in sorted(tensors.items()):
-        if lora_only and not is_lora_leaf(path):
+        if lora_only and not _added(path):
             continue
         module = path.rsplit(".", 1)[0]
-        if is_lora_leaf(path):
+        if _added(path):
             kernel = base.get(f"{module}.kernel")
             if kernel is None:
                 raise LoraError(
@@ -125,6 +149,11 @@ def load_adapter(
                 raise LoraError(
                     f"Adapter key {path!r} expects d_in={value.shape[0]}, {module}.kernel has "
                     f"{np.shape(kernel)[0]}: wrong base model."
+                )
+            if name in (DOWN, LN_SCALE, LN_BIAS) and value.shape[0] != np.shape(kernel)[1]:
+                raise LoraError(
+                    f"Adapter key {path!r} expects d_model={value.shape[0]}, {module}.kernel gives "
+                    f"{np.shape(kernel)[1]}: wrong base model."
                 )
         elif path not in base:
             raise LoraError(f"Adapter key {path!r} is not in the base params: wrong base model.")

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_jax.adapters import load_adapter
+from lora_jax.bottleneck import ADAPTER_METHODS, AdapterConfig, adapter_wrap
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
 from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.export import Export
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, count_params, lora_wrap
-from lora_jax.models.hub import from_pretrained, lora_config, resolve
+from lora_jax.models.hub import adapter_config, from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
 from lora_jax.sweep import SweepRun, train_packed
 from lora_jax.train import EvalSpec, TrainConfig, train
@@ -125,7 +126,10 @@ class DataSchema:
     regression: bool = False
 
 
-SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "model": ModelSchema, "data": DataSchema}  # group -> node
+# Bottleneck adapters (method=adapter_h/l/p/d); sites default to the family's (null).
+AdapterSchema = schema(AdapterConfig, "AdapterSchema", defaults={"sites": None})
+SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "adapter": AdapterSchema, "model": ModelSchema,
+           "data": DataSchema}  # group -> node  # fmt: skip
 
 
 def store_schemas(config_store: Any) -> None:
@@ -147,14 +151,22 @@ def lora_config_for(cfg: DictConfig, model_type: str) -> LoraConfig:
     return lora_config(model_type, **{k: v for k, v in fields.items() if v is not None})  # null: the default
 
 
+def adapter_config_for(cfg: DictConfig, model_type: str) -> AdapterConfig:
+    """The run's AdapterConfig, with the family's adapter sites unless `adapter.sites` names others."""
+    fields = OmegaConf.to_container(cfg.adapter, resolve=True)
+    return adapter_config(model_type, **{k: v for k, v in fields.items() if v is not None})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resolvers, names, provenance
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_name(method: str, r: int, alpha: float, seed: int) -> str:
-    """lora_r8_a16_seed0, full_seed0, bitfit_seed0: what a results folder is called."""
-    return f"lora_r{r}_a{alpha:g}_seed{seed}" if method == "lora" else f"{method}_seed{seed}"
+def run_name(method: str, r: int, alpha: float, seed: int, adapter_r: int | None = None) -> str:
+    """lora_r8_a16_seed0, adapter_h_r64_seed0, full_seed0, bitfit_seed0: what a results folder is called."""
+    if method == "lora":
+        return f"lora_r{r}_a{alpha:g}_seed{seed}"
+    return f"{method}_r{adapter_r}_seed{seed}" if method in ADAPTER_METHODS else f"{method}_seed{seed}"
 
 
 def package_model(name: str) -> str:
@@ -221,7 +233,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
     summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, _loggers(cfg, out_dir),
                     on_epoch=on_epoch, export=export)  # fmt: skip
-    return _finish(cfg, task, lora, summary, out_dir)
+    return _finish(cfg, task, lora, summary, out_dir, model_config.model_type)
 
 
 PACKED_KEYS = ("seed", "optim.lr", "lora.r", "lora.alpha", "run", "out_dir")  # what a packed sweep's runs vary
@@ -256,7 +268,10 @@ def run_packed(cfgs: Sequence[DictConfig]) -> list[dict[str, Any]]:
     module, tokenizer, model_config, _ = loaded
     train_set, eval_sets, spec = _datasets(cfgs[0], task, tokenizer, model_config, False)
     summaries = train_packed(module, runs, train_set, eval_sets, spec)
-    return [_finish(cfg, task, r.lora_config, s, r.out_dir) for cfg, r, s in zip(cfgs, runs, summaries, strict=True)]
+    return [
+        _finish(c, task, r.lora_config, s, r.out_dir, model_config.model_type)
+        for c, r, s in zip(cfgs, runs, summaries, strict=True)
+    ]
 
 
 def _unswept(cfg: DictConfig) -> dict[str, Any]:
@@ -314,7 +329,11 @@ def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, 
         if cfg.init_from:
             params, _ = load_adapter(Path(cfg.init_from) / "adapter", params, lora_only=True)
             print(f"LoRA leaves initialised from {cfg.init_from}")
-        print(count_params(params, lora))
+    elif cfg.method in ADAPTER_METHODS:
+        params = adapter_wrap(params, cfg.method, adapter_config_for(cfg, model_config.model_type),
+                              jax.random.key(cfg.seed))  # fmt: skip
+    if cfg.method != "full":
+        print(count_params(params, lora, cfg.method))
     return module, params, tokenizer, model_config, lora, hf_task
 
 
@@ -329,11 +348,14 @@ def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
     ]
 
 
-def _finish(cfg: DictConfig, task: Any, lora: LoraConfig, summary: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _finish(
+    cfg: DictConfig, task: Any, lora: LoraConfig, summary: dict[str, Any], out_dir: Path, model_type: str
+) -> dict[str, Any]:
     """Add the run's provenance to its summary and write summary.json (atomically)."""
     summary.update(
         exp=cfg.exp_name, task=cfg.task, run=cfg.run, seed=cfg.seed, model=cfg.model.name_or_path,
         lora=lora.to_dict() if cfg.method == "lora" else None, git_commit=git_commit(),
+        adapter=adapter_config_for(cfg, model_type).to_dict() if cfg.method in ADAPTER_METHODS else None,
         devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     )  # fmt: skip

@@ -15,10 +15,11 @@ import flax.linen as nn
 import jax
 
 from lora_jax.adapters import save_adapter
+from lora_jax.bottleneck import ADAPTER_METHODS, FT_TOP2
 from lora_jax.lora import LoraConfig, LoraError
 
 EXPORTS = ("adapter", "peft", "merged")  # folder names under the run directory, too
-LORA_ONLY = ("adapter", "peft")
+ADAPTER_FILE = ("lora", "bitfit", *ADAPTER_METHODS, FT_TOP2)  # methods whose trained leaves make an adapter file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,35 +34,38 @@ class Export:
 
 
 def check_exports(kinds: tuple[str, ...], method: str) -> None:
-    """One line for an export name that does not exist, or an adapter asked of a run without LoRA."""
+    """One line for an export name that does not exist, a PEFT adapter asked of a run without LoRA, or a merged
+    checkpoint asked of bottleneck adapters (extra layers, which no base checkpoint has)."""
     unknown = sorted(set(kinds) - set(EXPORTS))
     if unknown:
         raise ValueError(f"exports {unknown} unknown; choose from {list(EXPORTS)}.")
     if method != "lora" and "peft" in kinds:  # `adapter`, the default, is skipped for such runs instead
         raise ValueError(f"exports=[peft] needs method=lora (a {method} run has no adapter); use exports=[merged].")
+    if method in ADAPTER_METHODS and "merged" in kinds:
+        raise ValueError(f"exports=[merged] cannot hold {method}'s adapter layers (they do not merge); use [adapter].")
 
 
 def write_exports(
     out_dir: Path, kinds: tuple[str, ...], params: Any, lora_config: LoraConfig | None, module: nn.Module,
     method: str, export: Export,
 ) -> dict[str, str]:  # fmt: skip
-    """Write each of `kinds` under `out_dir`; returns {kind: folder name}. A non-LoRA run skips `adapter`."""
+    """Write each of `kinds` under `out_dir`; returns {kind: folder name}. A full fine-tune skips `adapter`."""
     written = {}
     for kind in kinds:
-        if kind in LORA_ONLY and method != "lora":
+        if (kind == "adapter" and method not in ADAPTER_FILE) or (kind == "peft" and method != "lora"):
             continue
         if kind != "adapter" and export.task is None:
             raise LoraError(f"export {kind!r} needs the run's HF task (train(..., export=Export(task=...))).")
         if jax.process_index() == 0:
-            _write(kind, out_dir / kind, params, lora_config, module, export)
+            _write(kind, out_dir / kind, params, lora_config, module, export, method)
         written[kind] = kind
     return written
 
 
 def _write(kind: str, folder: Path, params: Any, lora_config: LoraConfig | None, module: nn.Module,
-           export: Export) -> None:  # fmt: skip
+           export: Export, method: str) -> None:  # fmt: skip
     if kind == "adapter":
-        save_adapter(folder, params, lora_config)
+        save_adapter(folder, params, lora_config, method)
     elif kind == "peft":
         from lora_jax.adapters_peft import save_peft_adapter
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import quant
+from lora_jax.bottleneck import DOWN, DOWN_BIAS, LN_BIAS, LN_EPSILON, LN_SCALE, UP, UP_BIAS
 from lora_jax.lora import LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE, LORA_SLICE
 
 Dtype = Any
@@ -31,6 +32,7 @@ class Dense(nn.Module):
     whole kernel, or `lora_a_q`... for slices of a fused kernel (GPT-2's c_attn), each placed by its `lora_slice_q`
     index and `lora_b_q`'s width, as loralib's MergedLinear; `lora_dropout` (present when LoraConfig.dropout > 0)
     drops the LoRA path's input in training and needs a 'dropout' rng when `deterministic` is False.
+    A bottleneck adapter's leaves (`lora_jax.bottleneck`) add `h + up(relu(down(LN(h))))` on the output h.
     """
 
     features: int
@@ -61,7 +63,7 @@ class Dense(nn.Module):
             y = jnp.dot(x, kernel, precision=self.precision)
         if bias is not None:
             y = y + bias
-        return self._add_lora(x, y, deterministic)
+        return self._add_adapter(self._add_lora(x, y, deterministic))
 
     def _add_lora(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
         own = self.variables.get("params", {})
@@ -79,6 +81,15 @@ class Dense(nn.Module):
             part = jax.lax.dynamic_slice_in_dim(y, start, width, axis=-1)
             y = jax.lax.dynamic_update_slice_in_dim(y, part + low, start, axis=-1)
         return y
+
+    def _add_adapter(self, y: jax.Array) -> jax.Array:
+        own = self.variables.get("params", {})
+        if DOWN not in own:
+            return y
+        cast = lambda name: jnp.asarray(own[name]).astype(y.dtype)  # noqa: E731
+        h = layer_norm(y, own[LN_SCALE], own[LN_BIAS], LN_EPSILON, y.dtype) if LN_SCALE in own else y
+        h = jax.nn.relu(jnp.dot(h, cast(DOWN), precision=self.precision) + cast(DOWN_BIAS))
+        return y + jnp.dot(h, cast(UP), precision=self.precision) + cast(UP_BIAS)
 
     def _has(self, name: str) -> bool:
         return self.has_variable("params", name)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_jax.bottleneck import ADAPTER_METHODS, DESIGNS, FT_TOP2, is_adapter_leaf, layer_of, norm_modules, top_layers
 from lora_jax.quant import is_quantized
 from lora_jax.tree import (
     Params,
@@ -48,7 +49,7 @@ LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
 LORA_DROPOUT = "lora_dropout"  # dropout rate on the module's LoRA input (float32, never trained; only if > 0)
 BOOKKEEPING = (LORA_SCALE, LORA_SLICE, LORA_DROPOUT)  # LoRA leaves that describe an adapter and never train
-METHODS = ("lora", "full", "bitfit")
+METHODS = ("lora", "full", "bitfit", *ADAPTER_METHODS, FT_TOP2)  # the last five: lora_jax.bottleneck
 LORA_PREFIX = "lora_"
 ALL_LINEAR = "all-linear"
 
@@ -331,22 +332,33 @@ def trainable_mask(params: Params, config: LoraConfig | None = None, method: str
     """A bool pytree: True for the leaves that train. The one place that decides it, for every method:
 
     "lora": LoRA A/B, `config.train_also`, biases per `config.bias`; "full": every weight (the paper's FT baseline);
-    "bitfit": every bias and `config.train_also`. LoRA's bookkeeping leaves (scale, slice, dropout) never train,
-    and under "full"/"bitfit" neither do LoRA A/B (the params are not meant to carry them there).
+    "bitfit": every bias and `config.train_also`; "adapter_h/l/p/d": the adapter leaves (`bottleneck.adapter_wrap`),
+    `config.train_also`, and for adapter_h the model's LayerNorms; "ft_top2": the last two layers of each stack and
+    `config.train_also`. LoRA's bookkeeping leaves (scale, slice, dropout) never train, and under the other
+    methods neither do LoRA A/B (the params are not meant to carry them there); adapter leaves train only under
+    their methods.
     """
     if method not in METHODS:
         raise LoraError(f"method must be one of {list(METHODS)}, got {method!r}.")
     adapted = {p.rsplit(".", 1)[0] for p, _ in leaf_paths(params) if p.rsplit(".", 1)[-1].startswith(LORA_A)}
     also = config.train_also if config is not None else ()
+    norms = norm_modules(params) if method in DESIGNS and DESIGNS[method].train_norms else set()
+    top = top_layers(params, 2) if method == FT_TOP2 else set()
 
     def trains(path: str) -> bool:
         name = path.rsplit(".", 1)[-1]
         if name.startswith(LORA_PREFIX):
             return method == "lora" and not name.startswith(BOOKKEEPING)
+        if is_adapter_leaf(path):
+            return method in DESIGNS
         if method == "full":
             return True
         if any(matches_leaf(p, path) for p in also):
             return True
+        if method in DESIGNS:
+            return path.rsplit(".", 1)[0] in norms
+        if method == FT_TOP2:
+            return layer_of(path) in top
         if name != "bias":
             return False
         if method == "bitfit":
@@ -442,6 +454,11 @@ def merge(params: Params, dequantize: bool = False) -> dict[str, Any]:
     A quantized adapted kernel is refused unless `dequantize`: then it becomes a float kernel (its logical dtype)
     with the update merged in; kernels without an adapter stay quantized (`quant.dequantize_params` for all).
     """
+    if any(is_adapter_leaf(p) for p, _ in leaf_paths(params)):
+        raise LoraError(
+            "These params carry bottleneck adapters (adapter_h/l/p/d): an adapter is an extra nonlinear layer, not "
+            "a weight update, so it cannot be merged; save it as an adapter file (save_adapter) instead."
+        )
     return _fold(params, lora_params(params), +1.0, dequantize)
 
 

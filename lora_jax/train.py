@@ -7,7 +7,8 @@ finish (`export.write_exports`). The step's loss stays on the device; the host r
 The params are split once into a trainable and a frozen half (`lora.partition`). The step differentiates the
 trainable half only, so XLA never computes gradients of frozen weights, and the optimizer keeps state for the
 trainable leaves only. `lora.trainable_mask` picks the half for each `method`: "lora" (LoRA leaves +
-`train_also`), "full" (everything, the paper's FT baseline) or "bitfit" (biases + `train_also`).
+`train_also`), "full" (everything, the paper's FT baseline), "bitfit" (biases + `train_also`), or one of the
+paper's other baselines (lora_jax.bottleneck: adapter_h/l/p/d, ft_top2).
 
 Everything that decides a step's result is a function of (seed, step): batch order comes from (seed, epoch),
 dropout from fold_in(seed, step). So a run killed at any point and started again with the same command resumes
@@ -52,7 +53,7 @@ class TrainConfig:
     """How to train. The Hydra schema of `optim` is generated from these fields (lora_jax.experiment), so these
     defaults are the command line's; `method`, `seed`, `progress` and `exports` are top-level run keys there."""
 
-    method: Literal["lora", "full", "bitfit"] = "lora"
+    method: Literal["lora", "full", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d", "ft_top2"] = "lora"
     epochs: int = 3
     batch_size: int = 16
     eval_batch_size: int = 64

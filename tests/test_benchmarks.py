@@ -149,3 +149,29 @@ def test_bank_benchmark_quick_runs_every_configuration(tmp_path):
     assert all(r["median_s"] > 0 for r in configs.values())
     assert configs["tiny/serve/routed-2"]["tokens_per_s"] > 0
     assert "x the throughput of tiny/train/sequential-2" in next(tmp_path.glob("bank-*.md")).read_text()
+
+
+def test_table1_latency_quick_run_writes_every_variant(tmp_path):
+    """benchmarks/table1_latency.py --quick: all five variants timed in one run, the adapters' r chosen from the
+    parameter budget by the paper's formula, the JSON and the markdown table written (timings are not checked)."""
+    from benchmarks import table1_latency
+    from lora_jax.bottleneck import paper_adapter_count
+
+    run = table1_latency.main(["--quick", "--out", str(tmp_path)])
+    d, layers = table1_latency.TINY["n_embd"], table1_latency.TINY["n_layer"]
+
+    def count(r: int, method: str) -> int:  # AdapterL: one adapter and one LayerNorm a layer; AdapterH: two adapters
+        if method == "adapter_l":
+            return paper_adapter_count(layers, d, r, layers)
+        return paper_adapter_count(2 * layers, d, r)
+
+    assert [(s["batch"], s["seq"]) for s in run["settings"]] == [(2, 16), (1, 8)]
+    for setting in run["settings"]:
+        assert set(setting["variants"]) == set(table1_latency.VARIANTS)
+        assert setting["variants"]["base"]["ratio_to_base"] == 1.0
+        assert all(v["ms_median"] > 0 and len(v["round_medians_ms"]) == 2 for v in setting["variants"].values())
+        for method, r in setting["adapter_r"].items():
+            assert all(abs(count(r, method) - 2e4) <= abs(count(q, method) - 2e4) for q in range(1, d + 1))
+    assert len(list(tmp_path.glob("table1_latency-*.json"))) == 1
+    rows = [line for line in (tmp_path / "table1_latency.md").read_text().splitlines() if line.startswith("| 2 x 16")]
+    assert len(rows) == 5

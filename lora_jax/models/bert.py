@@ -268,6 +268,7 @@ SPEC = FamilySpec(
         for task, head in (("base", "Model"), ("sequence-classification", "ForSequenceClassification"))
     },
     lora_targets=LORA_TARGETS,
+    adapter_sites={"attn": r"attention\.output\.dense", "mlp": r"layer\.\d+\.output\.dense"},
     prefix=lambda config: config.prefix,
     heads=("classifier", r"(?:bert|roberta)\.pooler"),  # RoBERTa has no pooler: a RobertaModel's is not used
     renames=((r"LayerNorm\.gamma", "LayerNorm.weight"), (r"LayerNorm\.beta", "LayerNorm.bias")),  # TF-era names

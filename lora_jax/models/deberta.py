@@ -363,6 +363,7 @@ SPEC = FamilySpec(
         ("deberta-v2", "sequence-classification"): "DebertaV2ForSequenceClassification",
     },
     lora_targets=LORA_TARGETS,
+    adapter_sites={"attn": r"attention\.output\.dense", "mlp": r"layer\.\d+\.output\.dense"},
     prefix="deberta",
     heads=("pooler", "classifier"),
     ignored=(r"position_ids$", r"^(?:lm_predictions|mask_predictions|cls)\."),  # buffers; pretraining heads

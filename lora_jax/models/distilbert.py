@@ -204,6 +204,7 @@ SPEC = FamilySpec(
         ("distilbert", "sequence-classification"): "DistilBertForSequenceClassification",
     },
     lora_targets=LORA_TARGETS,
+    adapter_sites={"attn": r"attention\.out_lin", "mlp": r"ffn\.lin2"},
     prefix=PREFIX,
     heads=("pre_classifier", "classifier"),
     ignored=(r"position_ids$", r"^vocab_(?:transform|layer_norm|projector)\."),  # buffers; the MLM head

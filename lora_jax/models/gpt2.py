@@ -272,6 +272,7 @@ SPEC = FamilySpec(
     model=GPT2,
     architectures={("gpt2", task): name for task, name in ARCHITECTURES.items()},
     lora_targets=LORA_TARGETS,
+    adapter_sites={"attn": r"attn\.c_proj", "mlp": r"mlp\.c_proj"},
     fused=FUSED,
     prefix="transformer",
     heads=("lm_head", "score", "multiple_choice_head"),

@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lora_jax.bottleneck import AdapterConfig, AdapterError
 from lora_jax.lora import LoraConfig, merge
 from lora_jax.models import gguf
 from lora_jax.models.spec import FamilySpec, config_from_hf, config_to_hf, family_of, params_from_hf, params_to_hf
@@ -227,3 +228,16 @@ def lora_config(model_type: str, targets: Sequence[str] = ("q", "v"), **kw: Any)
     expanded = tuple(spec.lora_targets.get(t, t) for t in ([targets] if isinstance(targets, str) else targets))
     kw.setdefault("fused", spec.fused)
     return LoraConfig(targets=expanded, **kw)
+
+
+def adapter_config(model_type: str, **kw: Any) -> AdapterConfig:
+    """An AdapterConfig for a family, its adapter sites from the family spec; refused for a family without them."""
+    spec = family(model_type)
+    if not spec.adapter_sites and "sites" not in kw:
+        with_sites = sorted(t for t in FAMILIES if family(t).adapter_sites)
+        raise AdapterError(
+            f"{spec.name} declares no adapter sites (FamilySpec.adapter_sites); use method=lora, bitfit or full, "
+            f"or a family that has them: {with_sites}."
+        )
+    kw.setdefault("sites", spec.adapter_sites)
+    return AdapterConfig(**kw)

@@ -312,6 +312,7 @@ SPEC = FamilySpec(
         for task, suffix in CLASS_SUFFIX.items()
     },
     lora_targets=LORA_TARGETS,
+    adapter_sites={"attn": r"self_attn\.o_proj", "mlp": r"mlp\.down_proj"},
     fused=FUSED,
     prefix="model",  # a headed model's backbone; LlamaModel's keys have none
     heads=("lm_head", "score"),

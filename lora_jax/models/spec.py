@@ -71,6 +71,8 @@ class FamilySpec:
     architectures: {(model_type, task): transformers class name}; its tasks are the family's tasks.
     lora_targets: the paper's names ("q", "k", "v", "o", "mlp") -> module patterns (lora_jax.lora rules).
     fused: fused kernels and their slice names ({"c_attn": ("q", "k", "v")}).
+    adapter_sites: {"attn": attention output projection, "mlp": MLP output projection}, module patterns of the
+        Dense modules a bottleneck adapter follows (lora_jax.bottleneck); empty: the family takes no adapters.
     prefix: the module a headed HF model keeps the backbone under ("roberta", "transformer"), or a function of
         the config giving it; None: no prefix (T5).
     heads: patterns (regex, from the start of a param path) of head modules: a checkpoint may lack them or
@@ -98,6 +100,7 @@ class FamilySpec:
     architectures: Mapping[tuple[str, str], str]
     lora_targets: Mapping[str, str]
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    adapter_sites: Mapping[str, str] = dataclasses.field(default_factory=dict)
     prefix: str | Callable[[Any], str] | None = None
     heads: tuple[str, ...] = ()
     conv1d: str | None = None

@@ -384,6 +384,7 @@ SPEC = FamilySpec(
         for task, head in (("base", "Model"), ("seq2seq-lm", "ForConditionalGeneration"))
     },
     lora_targets=LORA_TARGETS,
+    adapter_sites={"attn": r"(?:SelfAttention|EncDecAttention)\.o", "mlp": r"DenseReluDense\.wo"},
     heads=("lm_head",),
     renames=((r"^transformer\.", ""),),
     # The stacks' aliases of `shared`, and a relative bias some old checkpoints carry for cross-attention, which
