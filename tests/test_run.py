@@ -188,7 +188,7 @@ def test_packed_launcher_runs_a_sweep_as_one_program_with_the_separate_runs_fold
                                                                                      tiny_glue, tmp_path):  # fmt: skip
     """`-m hydra/launcher=packed seed=0,1 lora.r=2,4`: four runs in one process, one folder each, named as the
     basic launcher names them; the (seed 0, r 4) one equals the reference run made alone (dropout on)."""
-    args = [*overrides(tiny_bert, tiny_glue, tmp_path), "-m", "hydra/launcher=packed", "seed=0,1", "lora.r=2,4"]
+    args = ["-m", *overrides(tiny_bert, tiny_glue, tmp_path), "hydra/launcher=packed", "seed=0,1", "lora.r=2,4"]
     code, out, err = finish(run_py(args))
     assert code == 0, err[-3000:]
     sweep = tmp_path / "default" / "mrpc"
