@@ -1,4 +1,5 @@
-"""Adapter-only files: the LoRA leaves (plus `train_also` leaves) and the LoraConfig, nothing of the base model.
+"""Adapter-only files: the LoRA or prefix-tuning leaves (plus `train_also` leaves) and the LoraConfig, nothing of
+the base model.
 
 A directory holds `adapter.safetensors` (dotted param paths as keys) and `lora_config.json` (the config, the
 tensor file's sha256 and the shapes). Both are written to temporary names and renamed, so a crash never leaves a
@@ -19,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf, trainable_mask
+from lora_jax.prefix import EMBED_LEAVES, is_prefix_leaf
 from lora_jax.tree import Params, combine, leaf_paths
 
 TENSORS = "adapter.safetensors"
@@ -27,9 +29,10 @@ FORMAT_VERSION = 1
 
 
 def adapter_leaves(params: Params, config: LoraConfig) -> dict[str, np.ndarray]:
-    """Flat {dotted path: array} of what an adapter must carry: LoRA leaves and trainable non-LoRA leaves."""
+    """Flat {dotted path: array} of what an adapter must carry: LoRA or prefix leaves and trainable others."""
     mask = dict(leaf_paths(trainable_mask(params, config)))
-    return {path: np.asarray(leaf) for path, leaf in leaf_paths(params) if is_lora_leaf(path) or mask[path]}
+    keep = lambda path: is_lora_leaf(path) or is_prefix_leaf(path) or mask[path]  # noqa: E731
+    return {path: np.asarray(leaf) for path, leaf in leaf_paths(params) if keep(path)}
 
 
 def _sha256(path: Path) -> str:
@@ -52,8 +55,8 @@ def save_adapter(directory: str | os.PathLike, params: Params, config: LoraConfi
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_leaves(params, config)
-    if not any(is_lora_leaf(p) for p in tensors):
-        raise LoraError("These params carry no LoRA leaves; call lora_wrap before save_adapter.")
+    if not any(is_lora_leaf(p) or is_prefix_leaf(p) for p in tensors):
+        raise LoraError("These params carry no LoRA (or prefix) leaves; call lora_wrap (or prefix_wrap) first.")
     tensor_path = directory / TENSORS
     _atomic_write(
         tensor_path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
@@ -92,8 +95,8 @@ def load_adapter(
 ) -> tuple[dict[str, Any], LoraConfig]:
     """Put a saved adapter onto `base_params`; returns (params, config).
 
-    lora_only: take the LoRA leaves and leave the rest (e.g. a head for another label set) as in `base_params`;
-    this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
+    lora_only: take the LoRA (or prefix) leaves and leave the rest (e.g. a head for another label set) as in
+    `base_params`; this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
 
     Every adapter tensor must land on a path the base model has (LoRA leaves beside an existing kernel) with
     the shape it was saved with; anything else is a mismatched adapter and is refused by name.
@@ -111,7 +114,7 @@ def load_adapter(
     base = dict(leaf_paths(base_params))
     tree: dict[str, Any] = {}
     for path, value in sorted(tensors.items()):
-        if lora_only and not is_lora_leaf(path):
+        if lora_only and not (is_lora_leaf(path) or is_prefix_leaf(path)):
             continue
         module = path.rsplit(".", 1)[0]
         if is_lora_leaf(path):
@@ -126,6 +129,8 @@ def load_adapter(
                     f"Adapter key {path!r} expects d_in={value.shape[0]}, {module}.kernel has "
                     f"{np.shape(kernel)[0]}: wrong base model."
                 )
+        elif is_prefix_leaf(path):
+            _check_prefix_leaf(path, value, base)
         elif path not in base:
             raise LoraError(f"Adapter key {path!r} is not in the base params: wrong base model.")
         elif np.shape(base[path]) != value.shape:
@@ -138,3 +143,17 @@ def load_adapter(
             node = node.setdefault(name, {})
         node[leaf] = value
     return combine(base_params, tree), config
+
+
+def _check_prefix_leaf(path: str, value: np.ndarray, base: dict[str, Any]) -> None:
+    """A prefix leaf sits beside the token embedding (rows as wide as its table) or in a layer of the stack."""
+    module, name = path.rsplit(".", 1)
+    if name in EMBED_LEAVES:
+        table = base.get(f"{module}.embedding")
+        if table is None or np.shape(table)[-1] != value.shape[-1]:
+            raise LoraError(
+                f"Adapter key {path!r} needs a token embedding {module}.embedding of width {value.shape[-1]} in the "
+                "base params: wrong base model."
+            )
+    elif not any(p.startswith(module + ".") for p in base):
+        raise LoraError(f"Adapter key {path!r} has no layer {module} in the base params: wrong base model.")

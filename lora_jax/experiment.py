@@ -28,12 +28,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_jax.adapters import load_adapter
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
+from lora_jax.data.prefix import SpecialTokens, tokenize_with_prefix
 from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.export import Export
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, count_params, lora_wrap
 from lora_jax.models.hub import from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
+from lora_jax.prefix import PREFIX_METHODS, PrefixConfig, prefix_wrap
 from lora_jax.train import EvalSpec, TrainConfig, train
 
 RUN_LEVEL = ("method", "seed", "progress", "exports")  # TrainConfig fields that are top-level run keys
@@ -124,7 +126,8 @@ class DataSchema:
     regression: bool = False
 
 
-SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "model": ModelSchema, "data": DataSchema}  # group -> node
+PrefixSchema = schema(PrefixConfig, "PrefixSchema")  # prefix_embed / prefix_layer runs: l_p, l_i
+SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "model": ModelSchema, "data": DataSchema, "prefix": PrefixSchema}
 
 
 def store_schemas(config_store: Any) -> None:
@@ -151,8 +154,10 @@ def lora_config_for(cfg: DictConfig, model_type: str) -> LoraConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_name(method: str, r: int, alpha: float, seed: int) -> str:
-    """lora_r8_a16_seed0, full_seed0, bitfit_seed0: what a results folder is called."""
+def run_name(method: str, r: int, alpha: float, seed: int, l_p: int = 0, l_i: int = 0) -> str:
+    """lora_r8_a16_seed0, full_seed0, bitfit_seed0, prefix_layer_lp16_li0_seed0: what a results folder is called."""
+    if method in PREFIX_METHODS:
+        return f"{method}_lp{l_p}_li{l_i}_seed{seed}"
     return f"lora_r{r}_a{alpha:g}_seed{seed}" if method == "lora" else f"{method}_seed{seed}"
 
 
@@ -248,8 +253,14 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
             params, _ = load_adapter(Path(cfg.init_from) / "adapter", params, lora_only=True)
             print(f"LoRA leaves initialised from {cfg.init_from}")
         print(count_params(params, lora))
+    special = None
+    if cfg.method in PREFIX_METHODS:
+        prefix = PrefixConfig(**OmegaConf.to_container(cfg.prefix, resolve=True))
+        params = prefix_wrap(params, module, prefix, jax.random.key(cfg.seed), cfg.method)
+        special = SpecialTokens(model_config.vocab_size, prefix.l_p, prefix.l_i)
+        print(count_params(params, lora, cfg.method))
 
-    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, seq2seq)
+    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, seq2seq, special)
     loggers = []
     if cfg.logger.kind == "wandb" and jax.process_index() == 0:
         loggers.append(
@@ -275,8 +286,10 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     return summary
 
 
-def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq2seq: bool):
-    """(train set, {dev split: eval set}, EvalSpec): tokenised for a classifier, or as text-to-text."""
+def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq2seq: bool,
+              special: SpecialTokens | None = None):  # fmt: skip
+    """(train set, {dev split: eval set}, EvalSpec): tokenised for a classifier (with prefix tuning's `special`
+    tokens inserted), or as text-to-text."""
     s2s = cfg.seq2seq
 
     def split(name: str) -> dict:
@@ -284,6 +297,8 @@ def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq
         if seq2seq:
             return tokenize_text_to_text(rows, task, tokenizer, cfg.data.max_len,
                                          model_config.decoder_start_token_id, s2s.label_words, s2s.prefix)  # fmt: skip
+        if special is not None:
+            return tokenize_with_prefix(rows, tokenizer, cfg.data.max_len, special)
         return tokenize(rows, tokenizer, cfg.data.max_len)
 
     train_set = split("train")

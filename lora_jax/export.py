@@ -16,6 +16,7 @@ import jax
 
 from lora_jax.adapters import save_adapter
 from lora_jax.lora import LoraConfig, LoraError
+from lora_jax.prefix import PREFIX_METHODS
 
 EXPORTS = ("adapter", "peft", "merged")  # folder names under the run directory, too
 LORA_ONLY = ("adapter", "peft")
@@ -39,6 +40,8 @@ def check_exports(kinds: tuple[str, ...], method: str) -> None:
         raise ValueError(f"exports {unknown} unknown; choose from {list(EXPORTS)}.")
     if method != "lora" and "peft" in kinds:  # `adapter`, the default, is skipped for such runs instead
         raise ValueError(f"exports=[peft] needs method=lora (a {method} run has no adapter); use exports=[merged].")
+    if method in PREFIX_METHODS and "merged" in kinds:
+        raise ValueError(f"exports=[merged] cannot hold a {method} run's special tokens; use exports=[adapter].")
 
 
 def write_exports(
@@ -48,7 +51,7 @@ def write_exports(
     """Write each of `kinds` under `out_dir`; returns {kind: folder name}. A non-LoRA run skips `adapter`."""
     written = {}
     for kind in kinds:
-        if kind in LORA_ONLY and method != "lora":
+        if kind in LORA_ONLY and method != "lora" and not (kind == "adapter" and method in PREFIX_METHODS):
             continue
         if kind != "adapter" and export.task is None:
             raise LoraError(f"export {kind!r} needs the run's HF task (train(..., export=Export(task=...))).")

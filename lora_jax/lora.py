@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_jax.prefix import PREFIX_METHODS, is_prefix_leaf
 from lora_jax.quant import is_quantized
 from lora_jax.tree import (
     Params,
@@ -48,7 +49,7 @@ LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
 LORA_DROPOUT = "lora_dropout"  # dropout rate on the module's LoRA input (float32, never trained; only if > 0)
 BOOKKEEPING = (LORA_SCALE, LORA_SLICE, LORA_DROPOUT)  # LoRA leaves that describe an adapter and never train
-METHODS = ("lora", "full", "bitfit")
+METHODS = ("lora", "full", "bitfit", *PREFIX_METHODS)
 LORA_PREFIX = "lora_"
 ALL_LINEAR = "all-linear"
 
@@ -331,8 +332,9 @@ def trainable_mask(params: Params, config: LoraConfig | None = None, method: str
     """A bool pytree: True for the leaves that train. The one place that decides it, for every method:
 
     "lora": LoRA A/B, `config.train_also`, biases per `config.bias`; "full": every weight (the paper's FT baseline);
-    "bitfit": every bias and `config.train_also`. LoRA's bookkeeping leaves (scale, slice, dropout) never train,
-    and under "full"/"bitfit" neither do LoRA A/B (the params are not meant to carry them there).
+    "bitfit": every bias and `config.train_also`; "prefix_embed"/"prefix_layer": the special tokens' leaves
+    (lora_jax.prefix), `config.train_also` and biases per `config.bias`. LoRA's bookkeeping leaves (scale, slice,
+    dropout) never train, and under the other methods neither do LoRA A/B (the params are not meant to carry them).
     """
     if method not in METHODS:
         raise LoraError(f"method must be one of {list(METHODS)}, got {method!r}.")
@@ -343,6 +345,8 @@ def trainable_mask(params: Params, config: LoraConfig | None = None, method: str
         name = path.rsplit(".", 1)[-1]
         if name.startswith(LORA_PREFIX):
             return method == "lora" and not name.startswith(BOOKKEEPING)
+        if is_prefix_leaf(path):
+            return method in (*PREFIX_METHODS, "full")
         if method == "full":
             return True
         if any(matches_leaf(p, path) for p in also):
@@ -442,6 +446,11 @@ def merge(params: Params, dequantize: bool = False) -> dict[str, Any]:
     A quantized adapted kernel is refused unless `dequantize`: then it becomes a float kernel (its logical dtype)
     with the update merged in; kernels without an adapter stay quantized (`quant.dequantize_params` for all).
     """
+    if any(is_prefix_leaf(p) for p, _ in leaf_paths(params)):
+        raise LoraError(
+            "Prefix-tuning leaves are extra input tokens, not a weight update, and cannot be merged; "
+            "save them as an adapter (adapters.save_adapter) and load it onto the base model instead."
+        )
     return _fold(params, lora_params(params), +1.0, dequantize)
 
 

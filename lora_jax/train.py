@@ -52,7 +52,7 @@ class TrainConfig:
     """How to train. The Hydra schema of `optim` is generated from these fields (lora_jax.experiment), so these
     defaults are the command line's; `method`, `seed`, `progress` and `exports` are top-level run keys there."""
 
-    method: Literal["lora", "full", "bitfit"] = "lora"
+    method: Literal["lora", "full", "bitfit", "prefix_embed", "prefix_layer"] = "lora"
     epochs: int = 3
     batch_size: int = 16
     eval_batch_size: int = 64
