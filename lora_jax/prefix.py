@@ -196,7 +196,8 @@ def prefix_wrap(
     drawn = jax.random.randint(key, (config.num_special,), 0, vocab_size)
     additions = _nest(embed_path, _leaves(jnp.take(table, drawn, axis=0), config, "embed"))
     if method == "prefix_layer":
-        _, state = module.apply({"params": params}, drawn[None, :], mutable=["intermediates"])
+        run = jax.jit(lambda p, ids: module.apply({"params": p}, ids, mutable=["intermediates"])[1])
+        state = run(params, drawn[None, :])
         inputs = _get(state["intermediates"], stack_path)[LAYER_INPUTS]  # layer 0's input, 1's, ...
         dtype = jnp.dtype(module.config.param_dtype)
         for i in range(1, _num_layers(_get(params, stack_path))):
