@@ -245,8 +245,9 @@ GPT2_MEDIUM = dict(n_embd=1024, n_layer=24, n_head=16)
 GPT2_LARGE = dict(n_embd=1280, n_layer=36, n_head=20)
 
 
-@pytest.mark.parametrize(("shape", "d_model", "layers"), [(GPT2_MEDIUM, 1024, 24), (GPT2_LARGE, 1280, 36)])
-@pytest.mark.parametrize(("l_p", "l_i"), [(256, 8), (8, 8)])
+@pytest.mark.parametrize(
+    ("shape", "d_model", "layers", "l_p", "l_i"), [(GPT2_MEDIUM, 1024, 24, 256, 8), (GPT2_LARGE, 1280, 36, 8, 8)]
+)
 def test_counts_follow_the_papers_formulas(shape, d_model, layers, l_p, l_i):
     config = gpt2.Config(**shape)
     assert prefix_param_count(config, "causal-lm", l_p, l_i, "prefix_embed") == d_model * (l_p + l_i)
