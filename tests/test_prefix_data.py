@@ -108,3 +108,24 @@ def test_a_prefix_layer_run_from_the_config_trains_and_exports_its_adapter(tmp_p
     _, base, _, _ = from_pretrained(model_dir, task="sequence-classification", num_labels=2)
     loaded, _ = load_adapter(out / "adapter", base)
     assert special_counts(loaded).l_p == 3 and special_counts(loaded).l_i == 2
+
+
+@pytest.mark.skipif(not GPT2_TOKENIZER, reason="LORA_JAX_GPT2_TOKENIZER is not set")
+def test_e2e_rows_and_prompts_get_the_same_special_tokens():
+    """Training rows and decoding prompts agree: P MR eos I, then the reference (the only loss) in training."""
+    from lora_jax.data.e2e import E2ESplit, gpt2_tokenizer, tokenize_causal, tokenize_prompts
+    from lora_jax.data.prefix import insert_special_causal
+
+    tokenizer = gpt2_tokenizer(GPT2_TOKENIZER)
+    split = E2ESplit(("name : The Vaults | Type : pub", "name : Zizzi"), ("The Vaults is a pub.", "Zizzi is here."))
+    tokens = SpecialTokens(50257, 3, 2)
+    train = insert_special_causal(tokenize_causal(split, tokenizer), tokens, tokenizer.eos_token_id)
+    prompts = insert_special_causal(tokenize_prompts(split.mrs, tokenizer), tokens, tokenizer.eos_token_id)
+    for row in range(2):
+        n = int(prompts["attention_mask"][row].sum())
+        assert train["input_ids"][row, :n].tolist() == prompts["input_ids"][row, :n].tolist()
+        assert prompts["input_ids"][row, n - 2 : n].tolist() == tokens.infix_ids.tolist()
+        assert train["loss_mask"][row, :n].sum() == 0
+        reference = tokenizer(" " + split.references[row], add_special_tokens=False)["input_ids"]
+        predicted = train["input_ids"][row][train["loss_mask"][row] > 0].tolist()
+        assert predicted == [*reference, tokenizer.eos_token_id]
