@@ -55,7 +55,11 @@ class PrefixError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig:
-    """How many special tokens: l_p before the input, l_i after its first text (the paper's l_p and l_i)."""
+    """How many special tokens: l_p before the input, l_i after its first text (the paper's l_p and l_i).
+
+    The default, 16 in all, gives PreLayer L * d_model * 16 parameters, exactly LoRA's r = 4 on W_q and W_v
+    (L * 2 * 2 * d_model * 4): the paper compares the two at equal budgets.
+    """
 
     l_p: int = 16
     l_i: int = 0

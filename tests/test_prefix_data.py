@@ -129,3 +129,19 @@ def test_e2e_rows_and_prompts_get_the_same_special_tokens():
         reference = tokenizer(" " + split.references[row], add_special_tokens=False)["input_ids"]
         predicted = train["input_ids"][row][train["loss_mask"][row] > 0].tolist()
         assert predicted == [*reference, tokenizer.eos_token_id]
+
+
+def test_the_prefix_group_composes_checks_its_keys_and_names_the_run():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import run  # noqa: F401  (the config schema)
+    from hydra import compose, initialize_config_dir
+
+    from lora_jax.prefix import PrefixConfig
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=["method=prefix_embed", "prefix.l_p=32", "prefix.l_i=4", "seed=2"])
+        assert cfg.run == "prefix_embed_lp32_li4_seed2"
+        assert PrefixConfig(**cfg.prefix) == PrefixConfig(32, 4)
+        assert compose("config").run == "lora_r8_a8_seed0"
+        with pytest.raises(Exception, match="lp"):
+            compose("config", overrides=["prefix.lp=3"])
