@@ -56,7 +56,9 @@ def save_adapter(directory: str | os.PathLike, params: Params, config: LoraConfi
     directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_leaves(params, config)
     if not any(is_lora_leaf(p) or is_prefix_leaf(p) for p in tensors):
-        raise LoraError("These params carry no LoRA (or prefix) leaves; call lora_wrap (or prefix_wrap) first.")
+        raise LoraError(
+            "These params carry no LoRA or prefix leaves; call lora_wrap before save_adapter (or prefix_wrap)."
+        )
     tensor_path = directory / TENSORS
     _atomic_write(
         tensor_path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
