@@ -1,5 +1,5 @@
-"""Adapter-only files: a method's own leaves (LoRA's, or a bottleneck adapter's) plus the other leaves it trains
-(`train_also`, FT-Top2's layers) and the LoraConfig, nothing else of the base model.
+"""Adapter-only files: a method's own leaves (LoRA's, a bottleneck adapter's, prefix tuning's special tokens) plus
+the other leaves it trains (`train_also`, FT-Top2's layers) and the LoraConfig, nothing else of the base model.
 
 A directory holds `adapter.safetensors` (dotted param paths as keys) and `lora_config.json` (the config, the
 tensor file's sha256 and the shapes). Both are written to temporary names and renamed, so a crash never leaves a
@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from lora_jax.bottleneck import DESIGNS, DOWN, LN_BIAS, LN_SCALE, AdapterConfig, is_adapter_leaf
 from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf, trainable_mask
+from lora_jax.prefix import EMBED_LEAVES, PREFIX_METHODS, is_prefix_leaf
 from lora_jax.tree import Params, combine, leaf_paths
 
 TENSORS = "adapter.safetensors"
@@ -30,8 +31,8 @@ FORMAT_VERSION = 1
 
 
 def _added(path: str) -> bool:
-    """A leaf a method adds beside a kernel (LoRA's or an adapter's), as opposed to one of the base model's."""
-    return is_lora_leaf(path) or is_adapter_leaf(path)
+    """A leaf a method adds to the base model's params (LoRA's, an adapter's, a prefix's)."""
+    return is_lora_leaf(path) or is_adapter_leaf(path) or is_prefix_leaf(path)
 
 
 def adapter_leaves(params: Params, config: LoraConfig, method: str = "lora") -> dict[str, np.ndarray]:
@@ -64,10 +65,14 @@ def save_adapter(
     if method == "full":
         raise LoraError("A full fine-tune has no adapter (every weight trains); export it merged (exports=[merged]).")
     tensors = adapter_leaves(params, config, method)
-    if method == "lora" and not any(is_lora_leaf(p) for p in tensors):
-        raise LoraError("These params carry no LoRA leaves; call lora_wrap before save_adapter.")
+    if method == "lora" and not any(is_lora_leaf(p) or is_prefix_leaf(p) for p in tensors):
+        raise LoraError(
+            "These params carry no LoRA or prefix leaves; call lora_wrap before save_adapter (or prefix_wrap)."
+        )
     if method in DESIGNS and not any(is_adapter_leaf(p) for p in tensors):
         raise LoraError(f"These params carry no adapter leaves; call bottleneck.adapter_wrap before saving {method}.")
+    if method in PREFIX_METHODS and not any(is_prefix_leaf(p) for p in tensors):
+        raise LoraError(f"These params carry no prefix leaves; call prefix.prefix_wrap before saving {method}.")
     directory.mkdir(parents=True, exist_ok=True)
     tensor_path = directory / TENSORS
     _atomic_write(
@@ -116,8 +121,8 @@ def load_adapter(
 ) -> tuple[dict[str, Any], LoraConfig]:
     """Put a saved adapter onto `base_params`; returns (params, config).
 
-    lora_only: take the added leaves (LoRA's, an adapter's) and leave the rest (e.g. a head for another label set)
-    as in `base_params`; this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
+    lora_only: take the added leaves (LoRA's, an adapter's, a prefix's) and leave the rest (e.g. a head for another
+    label set) as in `base_params`; this is how the paper starts MRPC/RTE/STS-B from the MNLI adapter.
 
     Every adapter tensor must land on a path the base model has (added leaves beside an existing kernel of the
     width they expect) with the shape it was saved with; anything else is a mismatched adapter, refused by name.
@@ -138,7 +143,9 @@ def load_adapter(
         if lora_only and not _added(path):
             continue
         module = path.rsplit(".", 1)[0]
-        if _added(path):
+        if is_prefix_leaf(path):
+            _check_prefix_leaf(path, value, base)
+        elif _added(path):
             kernel = base.get(f"{module}.kernel")
             if kernel is None:
                 raise LoraError(
@@ -167,3 +174,17 @@ def load_adapter(
             node = node.setdefault(name, {})
         node[leaf] = value
     return combine(base_params, tree), config
+
+
+def _check_prefix_leaf(path: str, value: np.ndarray, base: dict[str, Any]) -> None:
+    """A prefix leaf sits beside the token embedding (rows as wide as its table) or in a layer of the stack."""
+    module, name = path.rsplit(".", 1)
+    if name in EMBED_LEAVES:
+        table = base.get(f"{module}.embedding")
+        if table is None or np.shape(table)[-1] != value.shape[-1]:
+            raise LoraError(
+                f"Adapter key {path!r} needs a token embedding {module}.embedding of width {value.shape[-1]} in the "
+                "base params: wrong base model."
+            )
+    elif not any(p.startswith(module + ".") for p in base):
+        raise LoraError(f"Adapter key {path!r} has no layer {module} in the base params: wrong base model.")

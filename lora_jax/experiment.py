@@ -29,12 +29,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lora_jax.adapters import load_adapter
 from lora_jax.bottleneck import ADAPTER_METHODS, AdapterConfig, adapter_wrap
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
+from lora_jax.data.prefix import SpecialTokens, tokenize_with_prefix
 from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.export import Export
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, count_params, lora_wrap
 from lora_jax.models.hub import adapter_config, from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
+from lora_jax.prefix import PREFIX_METHODS, PrefixConfig, prefix_wrap
 from lora_jax.sweep import SweepRun, train_packed
 from lora_jax.train import EvalSpec, TrainConfig, train
 
@@ -128,8 +130,9 @@ class DataSchema:
 
 # Bottleneck adapters (method=adapter_h/l/p/d); sites default to the family's (null).
 AdapterSchema = schema(AdapterConfig, "AdapterSchema", defaults={"sites": None})
-SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "adapter": AdapterSchema, "model": ModelSchema,
-           "data": DataSchema}  # group -> node  # fmt: skip
+PrefixSchema = schema(PrefixConfig, "PrefixSchema")  # prefix_embed / prefix_layer runs: l_p, l_i
+SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "adapter": AdapterSchema, "prefix": PrefixSchema,
+           "model": ModelSchema, "data": DataSchema}  # group -> node  # fmt: skip
 
 
 def store_schemas(config_store: Any) -> None:
@@ -162,10 +165,15 @@ def adapter_config_for(cfg: DictConfig, model_type: str) -> AdapterConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_name(method: str, r: int, alpha: float, seed: int, adapter_r: int | None = None) -> str:
-    """lora_r8_a16_seed0, adapter_h_r64_seed0, full_seed0, bitfit_seed0: what a results folder is called."""
+def run_name(
+    method: str, r: int, alpha: float, seed: int, adapter_r: int | None = None, l_p: int = 0, l_i: int = 0
+) -> str:
+    """lora_r8_a16_seed0, adapter_h_r64_seed0, prefix_layer_lp16_li0_seed0, full_seed0, bitfit_seed0: what a
+    results folder is called."""
     if method == "lora":
         return f"lora_r{r}_a{alpha:g}_seed{seed}"
+    if method in PREFIX_METHODS:
+        return f"{method}_lp{l_p}_li{l_i}_seed{seed}"
     return f"{method}_r{adapter_r}_seed{seed}" if method in ADAPTER_METHODS else f"{method}_seed{seed}"
 
 
@@ -229,7 +237,8 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     task, config, out_dir = _start(cfg)
     module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)
-    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm")
+    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm",
+                                           _special_tokens(cfg, model_config))  # fmt: skip
     export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
     summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, _loggers(cfg, out_dir),
                     on_epoch=on_epoch, export=export)  # fmt: skip
@@ -332,9 +341,23 @@ def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, 
     elif cfg.method in ADAPTER_METHODS:
         params = adapter_wrap(params, cfg.method, adapter_config_for(cfg, model_config.model_type),
                               jax.random.key(cfg.seed))  # fmt: skip
+    elif cfg.method in PREFIX_METHODS:
+        params = prefix_wrap(params, module, _prefix_config(cfg), jax.random.key(cfg.seed), cfg.method)
     if cfg.method != "full":
         print(count_params(params, lora, cfg.method))
     return module, params, tokenizer, model_config, lora, hf_task
+
+
+def _prefix_config(cfg: DictConfig) -> PrefixConfig:
+    return PrefixConfig(**OmegaConf.to_container(cfg.prefix, resolve=True))
+
+
+def _special_tokens(cfg: DictConfig, model_config: Any) -> SpecialTokens | None:
+    """Prefix tuning's special tokens, which the data side inserts (ids past the vocabulary); None otherwise."""
+    if cfg.method not in PREFIX_METHODS:
+        return None
+    prefix = _prefix_config(cfg)
+    return SpecialTokens(model_config.vocab_size, prefix.l_p, prefix.l_i)
 
 
 def _loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
@@ -367,8 +390,10 @@ def _finish(
     return summary
 
 
-def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq2seq: bool):
-    """(train set, {dev split: eval set}, EvalSpec): tokenised for a classifier, or as text-to-text."""
+def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq2seq: bool,
+              special: SpecialTokens | None = None):  # fmt: skip
+    """(train set, {dev split: eval set}, EvalSpec): tokenised for a classifier (with prefix tuning's `special`
+    tokens inserted), or as text-to-text."""
     s2s = cfg.seq2seq
 
     def split(name: str) -> dict:
@@ -376,6 +401,8 @@ def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq
         if seq2seq:
             return tokenize_text_to_text(rows, task, tokenizer, cfg.data.max_len,
                                          model_config.decoder_start_token_id, s2s.label_words, s2s.prefix)  # fmt: skip
+        if special is not None:
+            return tokenize_with_prefix(rows, tokenizer, cfg.data.max_len, special)
         return tokenize(rows, tokenizer, cfg.data.max_len)
 
     train_set = split("train")

@@ -17,6 +17,7 @@ import jax
 from lora_jax.adapters import save_adapter
 from lora_jax.bottleneck import ADAPTER_METHODS, FT_TOP2
 from lora_jax.lora import LoraConfig, LoraError
+from lora_jax.prefix import PREFIX_METHODS
 
 EXPORTS = ("adapter", "peft", "merged")  # folder names under the run directory, too
 ADAPTER_FILE = ("lora", "bitfit", *ADAPTER_METHODS, FT_TOP2)  # methods whose trained leaves make an adapter file
@@ -43,6 +44,8 @@ def check_exports(kinds: tuple[str, ...], method: str) -> None:
         raise ValueError(f"exports=[peft] needs method=lora (a {method} run has no adapter); use exports=[merged].")
     if method in ADAPTER_METHODS and "merged" in kinds:
         raise ValueError(f"exports=[merged] cannot hold {method}'s adapter layers (they do not merge); use [adapter].")
+    if method in PREFIX_METHODS and "merged" in kinds:
+        raise ValueError(f"exports=[merged] cannot hold a {method} run's special tokens; use exports=[adapter].")
 
 
 def write_exports(

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from lora_jax.bottleneck import ADAPTER_METHODS, DESIGNS, FT_TOP2, is_adapter_leaf, layer_of, norm_modules, top_layers
+from lora_jax.prefix import PREFIX_METHODS, is_prefix_leaf
 from lora_jax.quant import is_quantized
 from lora_jax.tree import (
     Params,
@@ -49,7 +50,7 @@ LORA_A, LORA_B, LORA_SCALE = "lora_a", "lora_b", "lora_scale"
 LORA_SLICE = "lora_slice"  # position of an adapted slice inside a fused kernel (int32, never trained)
 LORA_DROPOUT = "lora_dropout"  # dropout rate on the module's LoRA input (float32, never trained; only if > 0)
 BOOKKEEPING = (LORA_SCALE, LORA_SLICE, LORA_DROPOUT)  # LoRA leaves that describe an adapter and never train
-METHODS = ("lora", "full", "bitfit", *ADAPTER_METHODS, FT_TOP2)  # the last five: lora_jax.bottleneck
+METHODS = ("lora", "full", "bitfit", *ADAPTER_METHODS, FT_TOP2, *PREFIX_METHODS)  # lora_jax.bottleneck, .prefix
 LORA_PREFIX = "lora_"
 ALL_LINEAR = "all-linear"
 
@@ -334,9 +335,10 @@ def trainable_mask(params: Params, config: LoraConfig | None = None, method: str
     "lora": LoRA A/B, `config.train_also`, biases per `config.bias`; "full": every weight (the paper's FT baseline);
     "bitfit": every bias and `config.train_also`; "adapter_h/l/p/d": the adapter leaves (`bottleneck.adapter_wrap`),
     `config.train_also`, and for adapter_h the model's LayerNorms; "ft_top2": the last two layers of each stack and
-    `config.train_also`. LoRA's bookkeeping leaves (scale, slice, dropout) never train, and under the other
-    methods neither do LoRA A/B (the params are not meant to carry them there); adapter leaves train only under
-    their methods.
+    `config.train_also`; "prefix_embed"/"prefix_layer": the special tokens' leaves (lora_jax.prefix),
+    `config.train_also` and biases per `config.bias`. LoRA's bookkeeping leaves (scale, slice, dropout) never
+    train, and under the other methods neither do LoRA A/B (the params are not meant to carry them there); adapter
+    leaves train only under their methods.
     """
     if method not in METHODS:
         raise LoraError(f"method must be one of {list(METHODS)}, got {method!r}.")
@@ -351,6 +353,8 @@ def trainable_mask(params: Params, config: LoraConfig | None = None, method: str
             return method == "lora" and not name.startswith(BOOKKEEPING)
         if is_adapter_leaf(path):
             return method in DESIGNS
+        if is_prefix_leaf(path):
+            return method in (*PREFIX_METHODS, "full")
         if method == "full":
             return True
         if any(matches_leaf(p, path) for p in also):
@@ -458,6 +462,11 @@ def merge(params: Params, dequantize: bool = False) -> dict[str, Any]:
         raise LoraError(
             "These params carry bottleneck adapters (adapter_h/l/p/d): an adapter is an extra nonlinear layer, not "
             "a weight update, so it cannot be merged; save it as an adapter file (save_adapter) instead."
+        )
+    if any(is_prefix_leaf(p) for p, _ in leaf_paths(params)):
+        raise LoraError(
+            "Prefix-tuning leaves are extra input tokens, not a weight update, and cannot be merged; "
+            "save them as an adapter (adapters.save_adapter) and load it onto the base model instead."
         )
     return _fold(params, lora_params(params), +1.0, dequantize)
 

@@ -53,7 +53,10 @@ class TrainConfig:
     """How to train. The Hydra schema of `optim` is generated from these fields (lora_jax.experiment), so these
     defaults are the command line's; `method`, `seed`, `progress` and `exports` are top-level run keys there."""
 
-    method: Literal["lora", "full", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d", "ft_top2"] = "lora"
+    method: Literal[
+        "lora", "full", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d", "ft_top2", "prefix_embed",
+        "prefix_layer",
+    ] = "lora"
     epochs: int = 3
     batch_size: int = 16
     eval_batch_size: int = 64

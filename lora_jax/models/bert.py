@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
 from lora_jax.models.spec import FamilySpec, ModelConfig
+from lora_jax.prefix import Embed
 
 LORA_TARGETS = {
     "q": r"attention\.self\.query",
@@ -105,7 +106,7 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         c = self.config
-        embed = lambda n, name: nn.Embed(
+        embed = lambda n, name: Embed(
             n,
             c.hidden_size,
             embedding_init=nn.initializers.normal(c.initializer_range),
@@ -186,9 +187,9 @@ class Encoder(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x, mask, deterministic: bool, special=None):
         c = self.config
-        return Layers(TransformerLayer, c, c.num_hidden_layers, name="layer")(x, mask, deterministic)
+        return Layers(TransformerLayer, c, c.num_hidden_layers, name="layer")(x, mask, deterministic, special=special)
 
 
 class Pooler(nn.Module):
@@ -206,7 +207,7 @@ class Backbone(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
         c = self.config
         x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic)
-        x = Encoder(c, name="encoder")(x, attention_mask.astype(bool), deterministic)
+        x = Encoder(c, name="encoder")(x, attention_mask.astype(bool), deterministic, input_ids - c.vocab_size)
         out = {"last_hidden_state": x}
         if c.has_pooler:
             out["pooler_output"] = Pooler(c, name="pooler")(x, deterministic)
@@ -275,5 +276,7 @@ SPEC = FamilySpec(
     ignored=(r"position_ids$", r"^cls\.", r"^lm_head\."),  # buffers; BERT's and RoBERTa's pretraining heads
     read_config=_read_config,
     write_config=_write_config,
+    token_embedding=lambda config: f"{config.prefix}.embeddings.word_embeddings",
+    layer_stack=lambda config: f"{config.prefix}.encoder.layer",
 )
 build = SPEC.build

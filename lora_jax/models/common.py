@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, LayerNorm, RMSNorm
+from lora_jax.prefix import layer_input
 
 # transformers' ACT2FN names -> functions. HF "gelu" is the exact erf form; the "new"/"tanh"/"fast" names are the
 # tanh approximation. Each is checkpointed on its own: the backward pass keeps its input and recomputes the rest,
@@ -91,7 +92,8 @@ def maybe_remat(block: type[nn.Module], remat: bool | str, deterministic_argnum:
 class Layers(nn.Module):
     """`num_layers` blocks `block(config)` in sequence, named "0", "1", ... so paths read `layer.<i>`, as in HF.
 
-    Called as (x, *args, deterministic); each block maps (x, *args, deterministic) -> x.
+    Called as (x, *args, deterministic, special=None); each block maps (x, *args, deterministic) -> x.
+    `special` (input_ids - vocab_size) marks prefix tuning's special tokens (lora_jax.prefix.layer_input).
     """
 
     block: Callable[..., nn.Module]
@@ -99,10 +101,10 @@ class Layers(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, *args):
+    def __call__(self, x, *args, special=None):
         block = maybe_remat(self.block, self.config.remat, len(args) + 1)
         for i in range(self.num_layers):
-            x = block(self.config, name=str(i))(x, *args)
+            x = block(self.config, name=str(i))(layer_input(self, str(i), x, special), *args)
         return x
 
 
@@ -110,8 +112,8 @@ class CachedLayers(nn.Module):
     """`num_layers` blocks `block(config, i)` named "0", "1", ..., each reading and writing its own entry of a KV
     cache (a list with one entry per layer, or None when not decoding).
 
-    Called as (x, cache, *args, deterministic) -> (x, cache); each block maps (x, kv, *args, deterministic) ->
-    (x, kv), where kv is its layer's cache entry or None.
+    Called as (x, cache, *args, deterministic, special=None) -> (x, cache); each block maps (x, kv, *args,
+    deterministic) -> (x, kv), where kv is its layer's cache entry or None. `special` as in `Layers`.
     """
 
     block: Callable[..., nn.Module]
@@ -119,10 +121,11 @@ class CachedLayers(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, cache, *args):
+    def __call__(self, x, cache, *args, special=None):
         block = maybe_remat(self.block, self.config.remat, len(args) + 2)
         new_cache = []
         for i in range(self.num_layers):
+            x = layer_input(self, str(i), x, special)
             x, kv = block(self.config, i, name=str(i))(x, None if cache is None else cache[i], *args)
             new_cache.append(kv)
         return x, (None if cache is None else new_cache)

@@ -31,6 +31,7 @@ from lora_jax.models.common import (
 )
 from lora_jax.models.relative_positions import relative_positions
 from lora_jax.models.spec import FamilySpec, ModelConfig
+from lora_jax.prefix import Embed, layer_input
 
 LORA_TARGETS = {
     "q": "attention.self.query_proj",
@@ -124,8 +125,8 @@ def _layer_norm(config: Config, name: str) -> LayerNorm:
     return layer_norm(config, config.layer_norm_eps, name)
 
 
-def _embed(config: Config, num: int, features: int, name: str) -> nn.Embed:
-    return nn.Embed(
+def _embed(config: Config, num: int, features: int, name: str) -> Embed:
+    return Embed(
         num,
         features,
         dtype=jnp.dtype(config.dtype),
@@ -247,8 +248,9 @@ class Layers(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, index: int, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+    def __call__(self, index: int, x, mask, relative_pos, rel_embeddings, deterministic: bool, special=None):
         layer = maybe_remat(Layer, self.config.remat, deterministic_argnum=5)
+        x = layer_input(self, str(index), x, special)  # prefix tuning's special tokens (lora_jax.prefix)
         return layer(self.config, name=str(index))(x, mask, relative_pos, rel_embeddings, deterministic)
 
 
@@ -281,7 +283,7 @@ class Encoder(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool) -> jax.Array:
+    def __call__(self, x, mask, deterministic: bool, special=None) -> jax.Array:
         c = self.config
         relative_pos = rel_embeddings = None
         if c.relative_attention:
@@ -293,7 +295,7 @@ class Encoder(nn.Module):
         layers = Layers(c, name="layer")
         embeddings = x
         for i in range(c.num_hidden_layers):
-            x = layers(i, x, mask, relative_pos, rel_embeddings, deterministic)
+            x = layers(i, x, mask, relative_pos, rel_embeddings, deterministic, special)
             if i == 0 and c.conv_kernel_size > 0:
                 x = ConvLayer(c, name="conv")(embeddings, x, mask, deterministic)
         return x
@@ -310,7 +312,7 @@ class DebertaV2Model(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
         x = Embeddings(self.config, name="embeddings")(input_ids, token_type_ids, mask, deterministic)
-        return Encoder(self.config, name="encoder")(x, mask, deterministic)
+        return Encoder(self.config, name="encoder")(x, mask, deterministic, input_ids - self.config.vocab_size)
 
 
 class ContextPooler(nn.Module):
@@ -368,5 +370,7 @@ SPEC = FamilySpec(
     heads=("pooler", "classifier"),
     ignored=(r"position_ids$", r"^(?:lm_predictions|mask_predictions|cls)\."),  # buffers; pretraining heads
     write_config=_write_config,
+    token_embedding="deberta.embeddings.word_embeddings",
+    layer_stack="deberta.encoder.layer",
 )
 build = SPEC.build

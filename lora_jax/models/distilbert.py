@@ -28,6 +28,7 @@ import numpy as np
 from lora_jax.layers import Dense, Dropout, LayerNorm
 from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
 from lora_jax.models.spec import FamilySpec, ModelConfig
+from lora_jax.prefix import Embed
 
 LORA_TARGETS = {
     "q": r"attention\.q_lin",
@@ -102,7 +103,7 @@ class Embeddings(nn.Module):
         normal = nn.initializers.normal(c.initializer_range)
         # A sinusoidal table is only where the weights start; transformers 5 leaves it trainable, and so do we.
         sinusoid = lambda key, shape, dtype: jnp.asarray(sinusoidal_table(*shape), dtype)
-        embed = lambda n, init, name: nn.Embed(
+        embed = lambda n, init, name: Embed(
             n, c.dim, embedding_init=init, dtype=c.dtype, param_dtype=c.param_dtype, name=name
         )
         x = embed(c.vocab_size, normal, "word_embeddings")(input_ids)
@@ -160,8 +161,9 @@ class Transformer(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
-        return Layers(TransformerBlock, self.config, self.config.n_layers, name="layer")(x, mask, deterministic)
+    def __call__(self, x, mask, deterministic: bool, special=None):
+        layers = Layers(TransformerBlock, self.config, self.config.n_layers, name="layer")
+        return layers(x, mask, deterministic, special=special)
 
 
 class Backbone(nn.Module):
@@ -170,7 +172,8 @@ class Backbone(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool):
         x = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
-        x = Transformer(self.config, name="transformer")(x, attention_mask.astype(bool), deterministic)
+        special = input_ids - self.config.vocab_size
+        x = Transformer(self.config, name="transformer")(x, attention_mask.astype(bool), deterministic, special)
         return {"last_hidden_state": x}
 
 
@@ -208,5 +211,7 @@ SPEC = FamilySpec(
     prefix=PREFIX,
     heads=("pre_classifier", "classifier"),
     ignored=(r"position_ids$", r"^vocab_(?:transform|layer_norm|projector)\."),  # buffers; the MLM head
+    token_embedding=f"{PREFIX}.embeddings.word_embeddings",
+    layer_stack=f"{PREFIX}.transformer.layer",
 )
 build = SPEC.build

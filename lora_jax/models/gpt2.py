@@ -39,6 +39,7 @@ from lora_jax.models.common import (
     write_cache,
 )
 from lora_jax.models.spec import FamilySpec, ModelConfig
+from lora_jax.prefix import Embed
 
 LORA_TARGETS = {
     "q": "attn.c_attn.q",
@@ -172,7 +173,7 @@ class GPT2Model(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         embed = functools.partial(
-            nn.Embed,
+            Embed,
             features=cfg.n_embd,
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
@@ -193,7 +194,7 @@ class GPT2Model(nn.Module):
         if token_type_ids is not None:  # HF embeds token types with the token table
             x = x + self.wte(token_type_ids)
         x = self.drop(x, deterministic=deterministic)
-        x, cache = self.h(x, cache, mask, cache_index, deterministic)
+        x, cache = self.h(x, cache, mask, cache_index, deterministic, special=input_ids - self.config.vocab_size)
         return self.ln_f(x), cache
 
 
@@ -282,5 +283,7 @@ SPEC = FamilySpec(
     read_config=_read_config,
     write_config=lambda config, task, hf: {**hf, "tie_word_embeddings": True},
     causal_lm=causal_lm,
+    token_embedding="transformer.wte",
+    layer_stack="transformer.h",
 )
 build = SPEC.build

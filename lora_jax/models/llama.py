@@ -41,6 +41,7 @@ from lora_jax.models.common import (
     write_cache,
 )
 from lora_jax.models.spec import FamilySpec, ModelConfig
+from lora_jax.prefix import Embed
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 LORA_TARGETS = {
@@ -214,7 +215,7 @@ class LlamaModel(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.embed_tokens = nn.Embed(
+        self.embed_tokens = Embed(
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=jnp.dtype(cfg.dtype),
@@ -228,7 +229,8 @@ class LlamaModel(nn.Module):
         if position_ids is None:  # as transformers: slot numbers, padding included
             position_ids = jnp.broadcast_to(cache_index + jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)
-        x, cache = self.layers(self.embed_tokens(input_ids), cache, position_ids, mask, cache_index, deterministic)
+        x, cache = self.layers(self.embed_tokens(input_ids), cache, position_ids, mask, cache_index, deterministic,
+                               special=input_ids - self.config.vocab_size)  # fmt: skip
         return self.norm(x), cache
 
 
@@ -321,5 +323,7 @@ SPEC = FamilySpec(
     read_config=_read_config,
     write_config=_write_config,
     causal_lm=causal_lm,
+    token_embedding="model.embed_tokens",
+    layer_stack="model.layers",
 )
 build = SPEC.build

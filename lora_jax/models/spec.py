@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.lora import is_lora_leaf
+from lora_jax.prefix import is_prefix_leaf
 from lora_jax.tree import leaf_paths
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class FamilySpec:
     init_inputs: how many (batch, length) int arrays `build(...).init` takes to trace the param shapes.
     causal_lm: module -> the `lora_jax.models.generate.CausalLM` a decoder-only family decodes with; None
         for families that do not decode that way.
+    token_embedding / layer_stack: module paths (or functions of the config giving them) of the token embedding
+        (a `lora_jax.prefix.Embed`) and of the numbered layer stack whose layers call `prefix.layer_input`: where
+        prefix tuning's leaves go (lora_jax.prefix). None: the family has no prefix tuning.
     """
 
     name: str
@@ -112,6 +116,8 @@ class FamilySpec:
     write_config: Callable[[Any, str, dict[str, Any]], dict[str, Any]] | None = None
     init_inputs: int = 1
     causal_lm: Callable[[nn.Module], Any] | None = None
+    token_embedding: str | Callable[[Any], str] | None = None
+    layer_stack: str | Callable[[Any], str] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -288,6 +294,8 @@ def fresh(path: str, shape: tuple[int, ...], std: float, dtype: Any, seed: int) 
 def check_merged(params: Mapping[str, Any]) -> None:
     """Exports hold plain weights only: LoRA factors must be merged (or saved as an adapter) first."""
     for path, _ in leaf_paths(params):
+        if is_prefix_leaf(path):
+            raise ValueError(f"{path} is a prefix-tuning leaf, which no HF checkpoint holds; save it as an adapter.")
         if is_lora_leaf(path):
             raise ValueError(f"{path} is a LoRA leaf; `lora_jax.lora.merge` the params before exporting.")
 
