@@ -17,6 +17,7 @@ import hydra
 import yaml
 from aggregate import Group, group_runs, load_summaries
 from lr_selection import lr_selection_table
+from nlg_tables import e2e_table
 from omegaconf import DictConfig
 from param_counts import param_counts_table
 
@@ -294,6 +295,7 @@ def main(cfg: DictConfig) -> None:
         "glue_minilm.md": glue_minilm(results_dir, out_dir),
         "glue_lr_selection.md": lr_selection_table(results_dir, out_dir),
         "table2_glue.md": glue_reproduction(results_dir, out_dir),
+        "table3_e2e.md": e2e_table(results_dir, out_dir, paper_numbers()["table3"]),
         "table5_weight_types.md": sweep_table(results_dir, out_dir, "weight_type_minilm", "table5", "rank_minilm"),
         "table6_rank.md": sweep_table(results_dir, out_dir, "rank_minilm", "table6", "weight_type_minilm"),
         "table7_amplification.md": amplification_table(results_dir),

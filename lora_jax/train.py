@@ -62,6 +62,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     lr: float = 1e-3
     warmup_ratio: float = 0.06
+    warmup_steps: int | None = None  # given, wins over warmup_ratio (the paper's E2E runs: 500 steps)
+    label_smoothing: float = 0.0  # cross-entropy against (1 - s) one-hot + s / classes (the paper's E2E: 0.1)
     weight_decay: float = 0.1
     max_grad_norm: float | None = None
     grad_accum: int = 1
@@ -84,6 +86,10 @@ class TrainConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}; LoRA's GLUE runs use 1e-4 .. 1e-3.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0 (or null: warmup_ratio), got {self.warmup_steps}.")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -112,8 +118,10 @@ class EvalSpec:
 
 
 def linear_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (the paper's schedule)."""
-    warmup = int(config.warmup_ratio * total_steps)
+    """Linear warmup over `warmup_steps` (else `warmup_ratio` of the steps), then linear decay to zero (the paper's
+    schedule)."""
+    warmup = int(config.warmup_ratio * total_steps) if config.warmup_steps is None else config.warmup_steps
+    warmup = min(warmup, total_steps)
     return optax.join_schedules(
         [
             optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
@@ -133,21 +141,32 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
 
 
-def batch_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, num_labels: int) -> jax.Array:
-    """Weighted mean cross-entropy, or squared error for regression; filler rows have weight 0.
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Cross-entropy against `optax.smooth_labels(one_hot(labels), smoothing)`, without building the one-hot
+    (a (tokens, vocab) array): (1 - s) * nll + s * mean over classes of -log p."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+    return nll if not smoothing else (1.0 - smoothing) * nll - smoothing * jnp.mean(log_probs, axis=-1)
 
-    Labels of shape (batch, length) are target tokens (seq2seq): cross-entropy averaged over the real target
-    tokens of the batch, positions labelled -100 skipped, as transformers' seq2seq models compute it.
+
+def batch_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, num_labels: int, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Weighted mean cross-entropy (label-smoothed), or squared error for regression; filler rows have weight 0.
+
+    Labels of shape (batch, length) are target tokens (seq2seq, and causal LMs whose labels are the next tokens,
+    lora_jax.causal_lm): cross-entropy averaged over the real target tokens of the batch, positions labelled -100
+    skipped, as transformers' seq2seq models compute it.
     """
     logits = logits.astype(jnp.float32)
     if labels.ndim == 2:
         real = (labels != -100) * weights[:, None]
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0).astype(jnp.int32))
+        per_token = smoothed_cross_entropy(logits, jnp.maximum(labels, 0).astype(jnp.int32), label_smoothing)
         return jnp.sum(per_token * real) / jnp.maximum(jnp.sum(real), 1.0)
     if num_labels == 1:
         per_example = jnp.square(logits[:, 0] - labels.astype(jnp.float32))
     else:
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+        per_example = smoothed_cross_entropy(logits, labels.astype(jnp.int32), label_smoothing)
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -167,14 +186,14 @@ class TrainState:
     step: jax.Array  # int32; dropout masks are fold_in(seed, step)
 
 
-def make_loss(module: nn.Module, num_labels: int) -> Callable[..., jax.Array]:
+def make_loss(module: nn.Module, num_labels: int, label_smoothing: float = 0.0) -> Callable[..., jax.Array]:
     """loss(trainable, frozen, batch, dropout_key): the training loss of one step (shared with lora_jax.sweep)."""
 
     def loss_fn(trainable, frozen, batch, dropout_key):
         params = unpartition(trainable, frozen)
         rngs = {"dropout": dropout_key}
         out = module.apply({"params": params}, **_model_inputs(batch), deterministic=False, rngs=rngs)
-        return batch_loss(out["logits"], batch["labels"], batch["weights"], num_labels)
+        return batch_loss(out["logits"], batch["labels"], batch["weights"], num_labels, label_smoothing)
 
     return loss_fn
 
@@ -185,12 +204,13 @@ def make_steps(
     num_labels: int,
     seed: int,
     generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
+    label_smoothing: float = 0.0,
 ):
     """(train_step, eval_step), pure functions ready for jit: train_step(state, frozen, batch) -> (state, loss),
     eval_step(trainable, frozen, batch) -> logits, or with `generate(module, params, batch)` (seq2seq) the
     generated tokens."""
     base_key = jax.random.key(seed)
-    loss_fn = make_loss(module, num_labels)
+    loss_fn = make_loss(module, num_labels, label_smoothing)
 
     def train_step(state: TrainState, frozen, batch) -> tuple[TrainState, jax.Array]:
         dropout_key = jax.random.fold_in(base_key, state.step)
@@ -241,7 +261,7 @@ def prepare(
     opt_state = jax.device_put(opt_state, shardings_for(opt_state, mesh, config.fsdp))
     state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    train_step, eval_step = make_steps(module, tx, num_labels, config.seed, generate)
+    train_step, eval_step = make_steps(module, tx, num_labels, config.seed, generate, config.label_smoothing)
     train_step = jax.jit(train_step, out_shardings=(state_sh, replicated), donate_argnums=(0,))
     return Prepared(train_step, jax.jit(eval_step), state, frozen)
 
@@ -251,9 +271,10 @@ def prepare(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tokens(batch: Batch) -> int:
+def _tokens(batch: Batch) -> tuple[int, int]:
+    """(real tokens, token slots) of a batch: the slots a filler row or a padded position takes count too."""
     masks = [batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in batch]
-    return int(sum(np.sum(m * batch["weights"][:, None]) for m in masks))
+    return int(sum(np.sum(m * batch["weights"][:, None]) for m in masks)), int(sum(m.size for m in masks))
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -265,9 +286,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def evaluate(
-    eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh
-) -> dict[str, float]:
+def evaluate(eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh) -> dict[str, float]:
     logits = []
     for batch in eval_batches(dataset, batch_size, num_devices=mesh.devices.size):
         out = _to_host(eval_step(trainable, frozen, place_batch(batch, mesh)))
@@ -320,6 +339,12 @@ def _eval_and_checkpoint(run: _Run, prepared: Prepared, state: TrainState, eval_
     for name, dataset in eval_sets.items():
         scores = evaluate(prepared.eval_step, state.trainable, prepared.frozen, dataset, spec,
                           config.eval_batch_size, mesh)  # fmt: skip
+        # Generation tasks also return their texts: all of them to a file per epoch, a few into the logs.
+        if "decoded" in scores:
+            (run.out_dir / "decoded").mkdir(exist_ok=True)
+            (run.out_dir / "decoded" / f"{name}_epoch{epoch}.txt").write_text("\n".join(scores.pop("decoded")) + "\n")
+        if "samples" in scores:
+            run.logger.log({"step": step, "epoch": epoch, "split": name, "samples": scores.pop("samples")}, "samples")
         prefix = "" if len(eval_sets) == 1 else f"{name}/"
         record.update({f"{prefix}{k}": v for k, v in scores.items()})
     main_key = spec.main_metric if len(eval_sets) == 1 else f"{next(iter(eval_sets))}/{spec.main_metric}"
@@ -351,6 +376,7 @@ def train(
     mesh: Mesh | None = None,
     on_epoch: Callable[[int, float, dict[str, Any]], bool] | None = None,
     export: Export | None = None,
+    buckets: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `params` (already LoRA-wrapped for method "lora"), resuming from `out_dir` if it holds a run.
 
@@ -358,7 +384,8 @@ def train(
     ends training there (how a hyperparameter search prunes a trial; the summary says `stopped_early`).
     `config.exports` picks what the best epoch is written as (`export` says the HF task and names the base
     model, which the PEFT and merged exports need). Returns the summary: best main metric and its epoch,
-    per-epoch metrics, trainable params, wall time, tokens/s. Raises TrainingDiverged on a non-finite loss,
+    per-epoch metrics, trainable params, wall time, tokens/s, padding fraction. `buckets`: the training batch
+    lengths (batching.default_buckets of the width when None). Raises TrainingDiverged on a non-finite loss,
     keeping the last good checkpoint.
     """
     out_dir = Path(out_dir)
@@ -373,7 +400,7 @@ def train(
 
     checkpoints = RunCheckpoints(out_dir / "checkpoints")
     meta = {"step": 0, "epoch": 0, "history": [], "best": None, "best_epoch": None, "wall_time": 0.0,
-            "tokens": 0, "step_time": 0.0}  # fmt: skip
+            "tokens": 0, "slots": 0, "step_time": 0.0}  # fmt: skip
     restored = checkpoints.restore_latest({"trainable": state.trainable, "opt_state": state.opt_state})
     if restored is not None:
         saved, meta = restored
@@ -392,12 +419,14 @@ def train(
         epoch, skip = divmod(step, steps_per_epoch)
         meta["epoch"] = epoch
         tick = time.perf_counter()
-        for batch in epoch_batches(train_set, config.batch_size, config.seed, epoch, skip=skip,
+        for batch in epoch_batches(train_set, config.batch_size, config.seed, epoch, skip=skip, buckets=buckets,
                                    num_devices=mesh.devices.size):  # fmt: skip
             state, loss = prepared.train_step(state, prepared.frozen, place_batch(batch, mesh))
             step += 1
             run.pending.append((step, epoch, loss))
-            meta["tokens"] += _tokens(batch)
+            tokens, slots = _tokens(batch)
+            meta["tokens"] += tokens
+            meta["slots"] = meta.get("slots", 0) + slots
             bar.update()
             last = step >= total or step % steps_per_epoch == 0  # saved after its eval, below
             periodic = config.save_every_steps and step % config.save_every_steps == 0 and not last
@@ -431,6 +460,8 @@ def train(
         "wall_time_s": time.perf_counter() - run.started,
         # Real (unpadded) tokens over time spent in steps: compiles and evals excluded.
         "tokens_per_s": meta["tokens"] / meta["step_time"] if meta.get("step_time") else None,
+        # Token slots of the training batches that held padding (or filler rows): what bucketing leaves.
+        "padding_fraction": 1.0 - meta["tokens"] / meta["slots"] if meta.get("slots") else None,
     }
     if meta["best"] is not None:
         best = _best_params(run, prepared, state)

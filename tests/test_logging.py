@@ -33,11 +33,12 @@ def test_wandb_offline_logs_without_a_network(tmp_path, monkeypatch):
     logger = Loggers(JsonlLogger(tmp_path), wandb_logger)
     logger.log({"step": 1, "loss": 0.7}, "train")
     logger.log({"step": 1, "epoch": 0, "accuracy": 0.6}, "metrics")
+    logger.log({"step": 1, "epoch": 0, "samples": [{"mr": "name : Aromi", "output": "Aromi ."}]}, "samples")
     assert wandb_logger.run.config["task"] == "mrpc" and wandb_logger.run.group == "glue/mrpc"
     logger.finish({"best": 0.6, "history": []})
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    wanted = (b"metrics/accuracy", b"train/loss", b"mrpc")
+    wanted = (b"metrics/accuracy", b"train/loss", b"mrpc", b"samples/samples")
     # The transaction log (what `wandb sync` uploads later) is written by wandb's service process, which can
     # still be flushing it when finish() returns on a loaded machine: wait for it, up to a deadline.
     deadline, records = time.monotonic() + 60, b""

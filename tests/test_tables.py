@@ -115,3 +115,29 @@ def test_figures_page_links_every_analysed_pair_and_averages_phi_over_layers(tmp
     assert "lora_qv_r8_seed0 (r=8) vs lora_qv_r64_seed0 (r=64)" in page
     assert "attention.self.query 0.600, attention.self.value 0.100; random control 0.002" in page
     assert "![fig4_a__b.png](../results/analysis/r8_vs_r64/fig4_a__b.png)" in page
+
+
+def test_e2e_table_puts_the_paper_beside_our_labelled_runs_with_the_computed_counts(tmp_path):
+    folder = tmp_path / "e2e_smollm2" / "e2e" / "lora_r4_a32_seed0"
+    folder.mkdir(parents=True)
+    scores = {"BLEU": 0.5012, "NIST": 6.12, "METEOR": 0.3501, "ROUGE_L": 0.6123, "CIDEr": 1.234}
+    summary = {
+        "exp": "e2e_smollm2", "task": "e2e", "run": "lora_r4_a32_seed0", "seed": 0, "method": "lora",
+        "main_metric": "BLEU", "best": 0.5012, "best_epoch": 1, "trainable_params": 230_400, "train_rows": 2000,
+        "history": [{"epoch": 0, **{k: 0.1 for k in scores}}, {"epoch": 1, **scores}], "outputs": "test_outputs.txt",
+    }  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2}, "lora": {"r": 4, "alpha": 32,
+                                                        "targets": ["q", "v"]}}))  # fmt: skip
+    (folder / "test_outputs.txt").write_text("a\nb\nc\n")
+    out = tmp_path / "tables"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path}", f"out={out}"],
+                   check=True, capture_output=True)  # fmt: skip
+    table = (out / "table3_e2e.md").read_text()
+    assert "| GPT-2 M (LoRA) | 0.35M | 393,216 | 70.4 ±0.1 | 8.85 ±0.02 |" in table
+    assert "| GPT-2 L (LoRA) | 0.77M | 737,280 |" in table and "microsoft/LoRA issue 172" in table
+    row = next(line for line in table.splitlines() if line.startswith("| SmolLM2-135M"))
+    # The best epoch's scores (x100 for BLEU, MET, ROUGE-L), the data it saw, links to its outputs and its folder.
+    assert "LoRA r=4 α=32 on q,v | 2,000 of 42,061 | 2 | 230,400 | 50.1 | 6.12 | 35.0 | 61.2 | 1.23 |" in row
+    assert "[3](../e2e_smollm2/e2e/lora_r4_a32_seed0/test_outputs.txt)" in row
+    assert "(../e2e_smollm2/e2e/lora_r4_a32_seed0)" in row and "different," in table
