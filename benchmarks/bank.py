@@ -132,7 +132,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     from lora_jax import sweep
     from lora_jax import train as lj_train
-    from lora_jax.lora import partition, trainable_mask
+    from lora_jax.methods import partition, trainable_mask
     from lora_jax.sharding import make_mesh
 
     module, params, config = _jax_model(spec)

@@ -106,7 +106,7 @@ def _qwix_step(run: Run):
 
     from lora_jax import sharding
     from lora_jax import train as lj_train
-    from lora_jax.lora import partition
+    from lora_jax.methods import partition
 
     module, ids = _model(run, "float32")
     qtype = "nf4" if "nf4" in run.config else None

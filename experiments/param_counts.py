@@ -29,7 +29,7 @@ from lora_jax.bottleneck import (
     paper_prefix_count,
     top_layers,
 )
-from lora_jax.lora import count_params
+from lora_jax.methods import count_params
 from lora_jax.models import hub
 from lora_jax.models.spec import config_from_hf, param_shapes, unflatten
 from lora_jax.tree import leaf_paths

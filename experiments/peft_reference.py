@@ -59,7 +59,7 @@ def build_model(
     cfg: DictConfig, task: ClassificationTask, lora: LoraConfig | None = None
 ) -> tuple[Any, Any, LoraConfig]:
     """(model, tokenizer, lora config): the HF classifier, PEFT-wrapped for method=lora, with requires_grad set
-    on exactly the params lora_jax.lora.trainable_mask trains."""
+    on exactly the params lora_jax.methods.trainable_mask trains."""
     import torch
     from transformers import AutoModelForSequenceClassification
 

@@ -21,7 +21,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_jax.bottleneck import DESIGNS, DOWN, LN_BIAS, LN_SCALE, AdapterConfig, is_adapter_leaf
-from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf, trainable_mask
+from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf
+from lora_jax.methods import trainable_mask
 from lora_jax.prefix import EMBED_LEAVES, PREFIX_METHODS, is_prefix_leaf
 from lora_jax.tree import Params, combine, leaf_paths
 

@@ -22,16 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lora_jax.lora import (
-    LORA_A,
-    LORA_B,
-    LORA_SCALE,
-    LoraConfig,
-    LoraError,
-    available_kernels,
-    is_lora_leaf,
-    trainable_mask,
-)
+from lora_jax.lora import LORA_A, LORA_B, LORA_SCALE, LoraConfig, LoraError, available_kernels, is_lora_leaf
+from lora_jax.methods import trainable_mask
 from lora_jax.models import hub
 from lora_jax.tree import Params, combine, leaf_paths
 

@@ -13,7 +13,7 @@ The four designs (`DESIGNS`), as the paper describes them and as its printed cou
     adapter_p  after the MLP block only, no LayerNorm of its own (Pfeiffer et al. 2021; "very similar" to L)
     adapter_d  adapter_p without adapters in the lowest `drop_first` layers of each stack (AdapterDrop, Rücklé
                et al. 2020, whose headline setting drops the first five)
-`ft_top2` (Li & Liang 2021's FT-Top2) adds no leaves: `lora.trainable_mask` trains the last two layers.
+`ft_top2` (Li & Liang 2021's FT-Top2) adds no leaves: `methods.trainable_mask` trains the last two layers.
 
 A layer is the first numbered component of a param path (`encoder.layer.3...`, `transformer.h.3...`,
 `encoder.block.3.layer.0...`); the path before it names the stack, so an encoder-decoder has two.

@@ -35,7 +35,8 @@ from lora_jax.data.prefix import SpecialTokens, tokenize_with_prefix
 from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.export import Export
 from lora_jax.logging import WandbLogger
-from lora_jax.lora import LoraConfig, count_params, lora_wrap
+from lora_jax.lora import LoraConfig, lora_wrap
+from lora_jax.methods import count_params
 from lora_jax.models.hub import adapter_config, from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
 from lora_jax.models.spec import family_of

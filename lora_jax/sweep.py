@@ -34,7 +34,8 @@ from lora_jax.checkpoint import RunCheckpoints
 from lora_jax.data.batching import bucket_length, default_buckets, epoch_plan, num_batches, sequence_lengths, take
 from lora_jax.export import Export, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
-from lora_jax.lora import LoraConfig, LoraError, count_params, is_lora_leaf, partition, trainable_mask, unpartition
+from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf
+from lora_jax.methods import count_params, partition, trainable_mask, unpartition
 from lora_jax.sharding import make_mesh
 from lora_jax.train import (
     EvalSpec,

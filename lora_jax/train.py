@@ -4,9 +4,9 @@ In parts: `TrainState` (what changes between steps), `make_steps` (the pure step
 finish (`export.write_exports`). The step's loss stays on the device; the host reads the queued losses back every
 `log_every` steps (and before any checkpoint, so none ever holds a diverged step), not after every step.
 
-The params are split once into a trainable and a frozen half (`lora.partition`). The step differentiates the
+The params are split once into a trainable and a frozen half (`methods.partition`). The step differentiates the
 trainable half only, so XLA never computes gradients of frozen weights, and the optimizer keeps state for the
-trainable leaves only. `lora.trainable_mask` picks the half for each `method`: "lora" (LoRA leaves +
+trainable leaves only. `methods.trainable_mask` picks the half for each `method`: "lora" (LoRA leaves +
 `train_also`), "full" (everything, the paper's FT baseline), "bitfit" (biases + `train_also`), or one of the
 paper's other baselines (lora_jax.bottleneck: adapter_h/l/p/d, ft_top2).
 
@@ -37,7 +37,8 @@ from lora_jax.checkpoint import RunCheckpoints
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.export import Export, check_exports, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
-from lora_jax.lora import METHODS, LoraConfig, count_params, partition, trainable_mask, unpartition
+from lora_jax.lora import LoraConfig
+from lora_jax.methods import METHODS, count_params, partition, trainable_mask, unpartition
 from lora_jax.sharding import make_mesh, place_batch, shardings_for, sync_processes
 
 Params = Any
@@ -249,7 +250,7 @@ def prepare(
     lora_config: LoraConfig | None = None,
     generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
 ) -> Prepared:
-    """Split the params by `config.method` (`lora.trainable_mask`), place both halves and the optimizer state on
+    """Split the params by `config.method` (`methods.trainable_mask`), place both halves and the optimizer state on
     the mesh, and jit the steps (donating the state, so an update reuses its buffers)."""
     trainable, frozen = partition(params, trainable_mask(params, lora_config, config.method))
     tx = make_optimizer(config, math.ceil(total_micro_steps / config.grad_accum))

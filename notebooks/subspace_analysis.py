@@ -90,7 +90,8 @@ def make_demo_runs(root: Path, ranks: tuple[int, int] = (4, 16), steps: int = 20
     from flax.traverse_util import unflatten_dict
 
     from lora_jax.adapters import save_adapter
-    from lora_jax.lora import lora_wrap, partition, trainable_mask, unpartition
+    from lora_jax.lora import lora_wrap
+    from lora_jax.methods import partition, trainable_mask, unpartition
     from lora_jax.models import bert, hub
     from lora_jax.models.spec import param_shapes
     from lora_jax.train import TrainState, make_steps

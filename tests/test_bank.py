@@ -445,7 +445,7 @@ def test_packed_training_equals_separate_runs_and_padding_stays_zero():
     import optax
 
     from lora_jax import packed as lp
-    from lora_jax.lora import lora_optimizer, partition, trainable_mask, unpartition
+    from lora_jax.methods import lora_optimizer, partition, trainable_mask, unpartition
     from tests.tiny import tiny
 
     model, params, _ = tiny(width=16)

@@ -10,7 +10,8 @@ import pytest
 from benchmarks import flops, report
 from benchmarks.common import random_batch
 from lora_jax import train as lj_train
-from lora_jax.lora import lora_wrap, partition, trainable_mask
+from lora_jax.lora import lora_wrap
+from lora_jax.methods import partition, trainable_mask
 from lora_jax.models import bert, hub
 
 

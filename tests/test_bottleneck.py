@@ -25,7 +25,8 @@ from lora_jax.bottleneck import (
     strip_adapters,
 )
 from lora_jax.export import check_exports
-from lora_jax.lora import LoraConfig, LoraError, count_params, merge, trainable_mask, unpartition
+from lora_jax.lora import LoraConfig, LoraError, merge
+from lora_jax.methods import count_params, trainable_mask, unpartition
 from lora_jax.models import hub
 from lora_jax.models.spec import config_from_hf, param_shapes, unflatten
 from lora_jax.sharding import make_mesh

@@ -13,7 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from lora_jax.experiment import decode_config, lora_config_for, train_config
-from lora_jax.lora import count_params, lora_wrap
+from lora_jax.lora import lora_wrap
+from lora_jax.methods import count_params
 from lora_jax.models import gpt2, spec
 from tests.test_config import compose
 

@@ -14,20 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_jax.layers import Dense
-from lora_jax.lora import (
-    LoraConfig,
-    LoraError,
-    count_params,
-    lora_optimizer,
-    lora_params,
-    lora_wrap,
-    merge,
-    partition,
-    strip_lora,
-    trainable_mask,
-    unmerge,
-    unpartition,
-)
+from lora_jax.lora import LoraConfig, LoraError, lora_params, lora_wrap, merge, strip_lora, unmerge
+from lora_jax.methods import count_params, lora_optimizer, partition, trainable_mask, unpartition
 from lora_jax.tree import filter_leaves, leaf_paths
 from tests.tiny import tiny
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.lora import count_params, lora_wrap, merge
+from lora_jax.lora import lora_wrap, merge
+from lora_jax.methods import count_params
 from lora_jax.models import distilbert, hub
 from lora_jax.models.spec import config_from_hf, params_from_hf, params_to_hf
 from lora_jax.tree import leaf_paths

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax.lora import count_params, lora_wrap, merge
+from lora_jax.lora import lora_wrap, merge
+from lora_jax.methods import count_params
 from lora_jax.models import hub, seq2seq_generate, t5
 from lora_jax.models.spec import config_from_hf, param_shapes, params_from_hf, params_to_hf
 from lora_jax.tree import leaf_paths

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lora_jax.adapters_peft import load_peft_adapter, save_peft_adapter
-from lora_jax.lora import LoraError, lora_wrap, trainable_mask
+from lora_jax.lora import LoraError, lora_wrap
+from lora_jax.methods import trainable_mask
 from lora_jax.models import hub
 from lora_jax.tree import leaf_paths
 from tests.test_hub import perturb_lora_b

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from lora_jax.logging import read_jsonl
-from lora_jax.lora import count_params, lora_wrap, trainable_mask
+from lora_jax.lora import lora_wrap
+from lora_jax.methods import count_params, trainable_mask
 from lora_jax.models.hub import from_pretrained, lora_config
 from lora_jax.train import TrainConfig, linear_schedule
 from lora_jax.tree import leaf_paths

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora, prefix
+from lora_jax import lora, methods, prefix
 from lora_jax.adapters import load_adapter, save_adapter
 from lora_jax.data.prefix import SpecialTokens, insert_special, insert_special_causal
 from lora_jax.export import check_exports
-from lora_jax.lora import LoraConfig, LoraError, partition, trainable_mask
+from lora_jax.lora import LoraConfig, LoraError
+from lora_jax.methods import partition, trainable_mask
 from lora_jax.models import bert, deberta, distilbert, gpt2, llama, t5
 from lora_jax.prefix import PrefixConfig, PrefixError, prefix_param_count, prefix_wrap, special_counts
 from lora_jax.train import TrainConfig, TrainState, make_optimizer, make_steps
@@ -153,7 +154,7 @@ def test_gradients_reach_only_the_prefix_leaves_and_the_head(method):
     data = batch()
 
     def loss(t):
-        out = forward(module, lora.unpartition(t, frozen), data)["logits"]
+        out = forward(module, methods.unpartition(t, frozen), data)["logits"]
         return jnp.sum(out**2)
 
     grads = jax.grad(loss)(trainable)

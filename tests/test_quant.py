@@ -15,18 +15,8 @@ from scipy.stats import norm
 
 from lora_jax import quant
 from lora_jax.adapters import TENSORS, load_adapter, save_adapter
-from lora_jax.lora import (
-    LoraConfig,
-    LoraError,
-    count_params,
-    lora_optimizer,
-    lora_params,
-    lora_wrap,
-    merge,
-    partition,
-    trainable_mask,
-    unpartition,
-)
+from lora_jax.lora import LoraConfig, LoraError, lora_params, lora_wrap, merge
+from lora_jax.methods import count_params, lora_optimizer, partition, trainable_mask, unpartition
 from lora_jax.models import bert, hub
 from lora_jax.tree import leaf_paths
 from tests.test_lora import perturb_lora_b

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 
 from lora_jax import sweep
 from lora_jax.logging import read_jsonl
-from lora_jax.lora import LoraConfig, lora_wrap, partition, trainable_mask
+from lora_jax.lora import LoraConfig, lora_wrap
+from lora_jax.methods import partition, trainable_mask
 from lora_jax.tree import leaf_paths
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 from tests.test_train import run_config
