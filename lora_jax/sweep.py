@@ -100,25 +100,28 @@ def unstack(stacked: Any, index: int, like: Any) -> Any:
 
 
 def packed_train_step(module: nn.Module, tx: optax.GradientTransformation, num_labels: int):
-    """`(state, own, shared, batches, seeds, lrs, mask) -> (state, losses (K,))`, pure and ready for jit.
+    """`(state, own, shared, batches, seeds, lrs, mask, active=None) -> (state, losses (K,))`, pure and ready for jit.
 
     state: a TrainState whose trainable and opt_state carry the K axis (step is shared); own: each run's frozen
-    LoRA leaves (scale, slice, dropout rate) stacked; shared: the frozen base, held once; batches: (K, rows, ...)
+    LoRA leaves (scale, slice, dropout rate) stacked; shared: the frozen base, held once; batches: (K, rows, ...);
+    active: (K,) bool, runs whose batch this is (the others keep their state; None: all of them).
     """
     loss_fn = make_loss(module, num_labels)
 
-    def one(trainable, opt_state, own, batch, seed, lr, mask, shared, step):
+    def one(trainable, opt_state, own, batch, seed, lr, mask, active, shared, step):
         key = jax.random.fold_in(jax.random.key(seed), step)  # what a separate run of this seed draws
         loss, grads = jax.value_and_grad(loss_fn)(trainable, unpartition(own, shared), batch, key)
         grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, mask)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
         updates = jax.tree.map(lambda u, m: u * (m * lr).astype(u.dtype), updates, mask)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)  # noqa: E731
+        return keep(optax.apply_updates(trainable, updates), trainable), keep(new_opt_state, opt_state), loss
 
-    def step(state: TrainState, own, shared, batches, seeds, lrs, mask) -> tuple[TrainState, jax.Array]:
-        vmapped = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None))
+    def step(state: TrainState, own, shared, batches, seeds, lrs, mask, active=None) -> tuple[TrainState, jax.Array]:
+        active = jnp.ones(seeds.shape, bool) if active is None else active
+        vmapped = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None, None))
         trainable, opt_state, losses = vmapped(
-            state.trainable, state.opt_state, own, batches, seeds, lrs, mask, shared, state.step
+            state.trainable, state.opt_state, own, batches, seeds, lrs, mask, active, shared, state.step
         )
         return TrainState(trainable, opt_state, state.step + 1), losses
 
@@ -166,15 +169,39 @@ def _split_frozen(frozens: Sequence[Any], names: Sequence[str]) -> tuple[list[An
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _stacked_batches(dataset, batch_size: int, seeds: Sequence[int], epoch: int, skip: int, num_devices: int):
-    """Each step's batch of every run (its own seed's order, as epoch_batches gives it), all cropped to the widest
-    of them so they stack: a run's extra columns are the dataset's own padding, masked out."""
+def _dropout_on(module: nn.Module, runs: Sequence[SweepRun]) -> bool:
+    """Whether a step draws dropout masks: the model config's dropout rates or the runs' LoRA dropout."""
+    config = getattr(module, "config", None)
+    fields = dataclasses.fields(config) if dataclasses.is_dataclass(config) else ()
+    rates = [getattr(config, f.name) for f in fields if "dropout" in f.name]
+    return any(isinstance(p, float) and p > 0 for p in rates) or any(r.lora_config.dropout > 0 for r in runs)
+
+
+def _step_groups(dataset, batch_size: int, seeds: Sequence[int], epoch: int, skip: int, num_devices: int,
+                 by_width: bool):  # fmt: skip
+    """Each step's batches as [(active runs (K,) bool, (K, rows, width) batch)]: every run's own rows (its seed's
+    order, as epoch_batches gives it), and each run's real-token count.
+
+    Without dropout, one group: all runs cropped to the widest bucket among them (a run's extra columns are the
+    dataset's own padding, masked out). With dropout (`by_width`), one group per bucket width, each run in the
+    group of its own width, as a separate run crops it: a dropout mask depends on the array's shape, so a run
+    padded wider would draw other masks. Runs outside a group get filler rows there and keep their state.
+    """
     lengths, rows = sequence_lengths(dataset), -(-batch_size // num_devices) * num_devices
     buckets = default_buckets(dataset["attention_mask"].shape[1])
     plans = [epoch_plan(lengths, batch_size, seed, epoch)[skip:] for seed in seeds]
     for indices in zip(*plans, strict=True):
-        width = max(bucket_length(int(lengths[i].max()), buckets) for i in indices)
-        yield [take(dataset, i, rows, (width,)) for i in indices]
+        widths = [bucket_length(int(lengths[i].max()), buckets) for i in indices]
+        tokens = [_tokens(take(dataset, i, rows, (w,))) for i, w in zip(indices, widths, strict=True)]
+        groups = sorted(set(widths)) if by_width else [max(widths)]
+        steps = []
+        for width in groups:
+            active = np.array([w == width or not by_width for w in widths])
+            filler = indices[int(np.argmax(active))]
+            chosen = [i if on else filler for i, on in zip(indices, active, strict=True)]
+            batches = [take(dataset, i, rows, (width,)) for i in chosen]
+            steps.append((active, {key: np.stack([b[key] for b in batches]) for key in batches[0]}))
+        yield steps, tokens
 
 
 def train_packed(
@@ -238,6 +265,7 @@ def train_packed(
     train_step = jax.jit(packed_train_step(module, tx, spec.num_labels), donate_argnums=(0,))
     _, eval_step = make_steps(module, tx, spec.num_labels, config.seed, spec.generate)
     eval_step = jax.jit(eval_step)
+    by_width = _dropout_on(module, runs)
 
     def run_view(k: int) -> tuple[Prepared, TrainState]:
         """Run k as train() holds it: its own unpadded trainable half and optimizer state."""
@@ -251,14 +279,18 @@ def train_packed(
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         tick = time.perf_counter()
-        for batches in _stacked_batches(train_set, config.batch_size, [r.config.seed for r in runs], epoch, skip,
-                                        mesh.devices.size):  # fmt: skip
-            stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-            state, losses = train_step(state, own, shared, jax.device_put(stacked, batch_sharding), seeds, lrs, mask)
+        for groups, tokens in _step_groups(train_set, config.batch_size, [r.config.seed for r in runs], epoch, skip,
+                                           mesh.devices.size, by_width):  # fmt: skip
+            losses = jnp.zeros(len(runs), jnp.float32)
+            for active, stacked in groups:  # the step number advances once, after the last group
+                state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), replicated))
+                state, group_losses = train_step(state, own, shared, jax.device_put(stacked, batch_sharding), seeds,
+                                                 lrs, mask, jax.device_put(active, replicated))  # fmt: skip
+                losses = jnp.where(active, group_losses, losses)
             step += 1
             pending.append((step, epoch, losses))
-            for book, batch in zip(books, batches, strict=True):
-                book.meta.update(epoch=epoch, tokens=book.meta["tokens"] + _tokens(batch))
+            for book, count in zip(books, tokens, strict=True):
+                book.meta.update(epoch=epoch, tokens=book.meta["tokens"] + count)
             bar.update()
             last = step >= total or step % steps_per_epoch == 0
             periodic = config.save_every_steps and step % config.save_every_steps == 0 and not last

@@ -87,7 +87,12 @@ def test_a_packed_sweep_writes_what_separate_runs_write(tiny_bert, tiny_glue, tm
     assert [s["history"] for s in again] == [s["history"] for s in summaries]
 
 
-def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path):
+class Killed(Exception):
+    """Stands for a kill -9 right after a checkpoint."""
+
+
+def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeypatch):
+    from lora_jax import train
     from lora_jax.experiment import run_packed
 
     with pytest.raises(ValueError, match=r"may vary only seed, optim.lr, lora.r, lora.alpha; .*'optim.batch_size'"):
@@ -96,14 +101,27 @@ def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path):
         run_packed(cfgs)
     with pytest.raises(ValueError, match="share a folder"):
         run_packed(configs(tiny_bert, tiny_glue, tmp_path / "b", "run=same"))
-    # Killed after step 4 (a periodic save): the sweep resumes there and ends where an uninterrupted one does.
+    # Killed right after every run's periodic save at step 4: the sweep resumes there and ends where an
+    # uninterrupted one does. (optim.max_steps=4 is no kill: it sets a 4-step lr schedule and evaluates at step 4.)
     whole = run_packed(configs(tiny_bert, tiny_glue, tmp_path / "whole", "optim.epochs=1"))
-    cut = run_packed(configs(tiny_bert, tiny_glue, tmp_path / "cut", "optim.epochs=1", "optim.max_steps=4"))
-    assert [s["steps"] for s in cut] == [4] * len(SWEEP)
+    save, saved = train._Run.save_latest, []
+
+    def save_then_die(self, state, step):
+        save(self, state, step)
+        saved.append(step)
+        if saved.count(4) == len(SWEEP):
+            raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(train._Run, "save_latest", save_then_die)
+        run_packed(configs(tiny_bert, tiny_glue, tmp_path / "cut", "optim.epochs=1"))
+    for folder in folders(tmp_path / "cut").values():
+        assert [p.name for p in (folder / "checkpoints" / "latest").iterdir() if p.name.isdigit()] == ["4"]
     resumed = run_packed(configs(tiny_bert, tiny_glue, tmp_path / "cut", "optim.epochs=1"))
     for a, b in zip(resumed, whole, strict=True):
         assert a["steps"] == b["steps"] == 6
-        assert a["history"][-1] == pytest.approx(b["history"][-1], abs=TOL)  # the last eval: step, epoch, metrics
+        assert len(a["history"]) == len(b["history"]) == 1  # one eval, at step 6
+        assert a["history"][-1] == pytest.approx(b["history"][-1], abs=TOL)  # step, epoch, metrics
     first = folders(tmp_path / "cut")
     name = next(iter(first))
     load = lambda d: load_file(d / "adapter" / "adapter.safetensors")  # noqa: E731

@@ -4,11 +4,11 @@
 
 Hydra still sets every job up as its basic launcher does (its folder, .hydra/ with config, hydra and overrides);
 then lora_jax.experiment.run_packed trains all the jobs' runs in one jitted step (lora_jax.sweep) and writes
-each job's results folder as that job alone would have. Found by Hydra as a plugin because experiments/ is on
-sys.path when experiments/run.py runs.
+each job's results folder as that job alone would have. Found by Hydra's plugin scan because experiments/ is on
+sys.path when experiments/run.py runs and lora_jax_packed is a regular package (its __init__.py) inside the
+hydra_plugins namespace package: the scan walks only regular packages. No `from __future__ import annotations`
+here: the scan runs this module before it is in sys.modules, where dataclasses look string annotations up.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import logging
