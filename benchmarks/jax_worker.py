@@ -1,7 +1,7 @@
 """One lora_jax measurement per process: the matmul peak, a training step (LoRA or full), or inference latency.
 
-The training step is lora_jax.train's own: `make_steps` + `make_optimizer` + `methods.trainable_mask` + `partition`, jitted
-over the same one-axis mesh with the same output shardings and the same donation as `train()`.
+The training step is lora_jax.train's own: `make_steps`, `make_optimizer`, `methods.trainable_mask`, `partition`,
+jitted over the same one-axis mesh with the same output shardings and the same donation as `train()`.
 """
 
 from __future__ import annotations
