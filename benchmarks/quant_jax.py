@@ -18,6 +18,7 @@ from lora_jax import train as lj_train
 from lora_jax.lora import lora_wrap
 from lora_jax.models import hub
 from lora_jax.quant import is_quantized
+from lora_jax.tree import map_with_path
 
 
 def stored_bytes(tree: Any) -> int:
@@ -43,7 +44,8 @@ def load(spec: QuantSpec, quantize: str | None):
 
 
 def lora_jax_setup(spec: QuantSpec):
-    """lora_jax: the base quantized on loading (nf4; gguf keeps the file's Q4_1 blocks), then `lora_wrap`."""
+    """lora_jax: the base quantized on loading (nf4; gguf keeps the file's Q4_1 blocks), then `lora_wrap`; the
+    step is `train.prepare`'s, as `train()` runs it."""
     quantize = {"nf4": "nf4", "gguf": "gguf" if spec.checkpoint.endswith(".gguf") else "q4_1"}.get(spec.base)
     module, params = load(spec, quantize)
     lora = hub.lora_config("llama", ("all-linear",), r=spec.rank, alpha=2.0 * spec.rank)
@@ -56,7 +58,8 @@ def lora_jax_setup(spec: QuantSpec):
 
 def qwix_setup(spec: QuantSpec):
     """Qwix: its LoraProvider over the same float module; QLoRA quantizes the kernels to nf4 (tiles of 64, as
-    QLoRA's blocks) with `qwix.quantize_params`. The LoRA A/B leaves come from the Qwix model's own init."""
+    QLoRA's blocks) with `qwix.quantize_params`. The LoRA A/B leaves come from the Qwix model's own init; the step
+    is `train.prepare`'s with Qwix's `*_lora_a/b` leaves as the trainable half."""
     import qwix
 
     module, params = load(spec, None)
@@ -69,16 +72,14 @@ def qwix_setup(spec: QuantSpec):
     params = jax.tree.map(jnp.asarray, params)
     if nf4:
         params = qwix.quantize_params(params, jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
-    flat = traverse_util.flatten_dict(params)
     lora = {k: v for k, v in traverse_util.flatten_dict(init).items() if "_lora_" in k[-1]}
-    trainable = traverse_util.unflatten_dict({k: lora.get(k) for k in [*flat, *lora]})
-    frozen = traverse_util.unflatten_dict({**flat, **{k: None for k in lora}})
+    params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **lora})
     del init
     config = lj_train.TrainConfig(method="lora", batch_size=spec.batch, progress=False)
-    tx = lj_train.make_optimizer(config, 10_000)
-    train_step, _ = lj_train.make_steps(model, tx, 0, config.seed)
-    state = lj_train.TrainState(trainable, tx.init(trainable), jnp.zeros((), jnp.int32))
-    return jax.jit(train_step, donate_argnums=(0,)), state, frozen, sharding.make_mesh()
+    mesh = sharding.make_mesh()
+    mask = map_with_path(lambda path, _: "_lora_" in path, params)
+    prepared = lj_train.prepare(model, params, config, 0, 10_000, mesh, mask=mask)
+    return prepared.train_step, prepared.state, prepared.frozen, mesh
 
 
 def train(spec: QuantSpec) -> dict[str, Any]:

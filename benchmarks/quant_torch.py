@@ -81,7 +81,7 @@ def train(spec: QuantSpec) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in trainable),
         "frozen_base_mb": tensor_bytes(frozen) / 2**20,
         "trainable_mb": tensor_bytes(trainable) / 2**20,
-        "bnb_4bit_layers": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+        "bnb_4bit_layers": sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules()),
         "rss_at_start_mb": rss_start,
         "rss_after_setup_mb": rss_setup,
         "torch_threads": torch.get_num_threads(),
