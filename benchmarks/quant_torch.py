@@ -24,12 +24,21 @@ def load(spec: QuantSpec):
                                                               **gguf)  # fmt: skip
     if spec.base != "nf4":
         return model
-    # bitsandbytes quantizes while loading float weights; transformers' GGUF loading gives floats, so save those.
+    # bitsandbytes quantizes float weights while loading them: write the floats as a plain safetensors folder
+    # (transformers refuses to save_pretrained a model it loaded from a GGUF), tied weights once.
+    from safetensors.torch import save_file
+
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        del model
+        save_file(state, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        del model, state
         return transformers.AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, dtype=torch.float32,
                                                                  device_map="cpu")  # fmt: skip
 
