@@ -194,8 +194,8 @@ def random_batch(shape: Shape, batch: int, seq: int, seed: int = 0) -> dict[str,
     }
 
 
-def worker_main(run: Callable[[Spec], dict[str, Any]]) -> None:
+def worker_main(run: Callable[[Any], dict[str, Any]], spec_class: Any = Spec) -> None:
     """`python -m benchmarks.<worker> SPEC_JSON OUT_JSON`: run one measurement and write its result."""
-    spec, out = Spec.from_json(sys.argv[1]), Path(sys.argv[2])
+    spec, out = spec_class.from_json(sys.argv[1]), Path(sys.argv[2])
     result = run(spec)
     out.write_text(json.dumps(result, indent=1, default=float))

@@ -4,7 +4,7 @@
 
 Builds the run exactly as experiments/run.py does (model, LoRA, `causal_lm.e2e_datasets`, `train.prepare`), then
 prints seconds per training step (the first step at each batch length includes its compile) and seconds per decoded
-MR at the config's beam settings; what `data.max_train_rows` and `generate.max_mrs` in conf/exp/e2e_smollm2.yaml were
+MR at the config's beam settings; what `data.train_examples` and `generate.max_mrs` in conf/exp/e2e_smollm2.yaml were
 sized from. Nothing is written.
 """
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from lora_jax.data import e2e
+from lora_jax.data.batching import subset_indices
 from lora_jax.data.nlg_metrics import e2e_metrics
 from lora_jax.models import generate as decoding
 from lora_jax.models.spec import family_of
@@ -79,11 +80,7 @@ def next_token_labels(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarra
 
 def train_subset(split: e2e.E2ESplit, rows: int | None, seed: int = 0) -> e2e.E2ESplit:
     """`rows` training pairs drawn without replacement by `seed` (in file order), or the whole split."""
-    if rows is None or rows >= len(split):
-        return split
-    if rows < 1:
-        raise ValueError(f"data.max_train_rows must be >= 1 (or null: every row), got {rows}.")
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split))[:rows])
+    keep = subset_indices(len(split), rows, seed)
     return e2e.E2ESplit(tuple(split.mrs[i] for i in keep), tuple(split.references[i] for i in keep))
 
 
@@ -155,9 +152,9 @@ def e2e_datasets(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], EvalSpec, tuple[int, ...]]:
     """(train set, {split: prompts}, EvalSpec, training buckets) for `train.train`.
 
-    `data` keys: dir, max_len, bucket_step, max_train_rows, subset_seed (as lora_jax.experiment.DataSchema has them).
+    `data` keys: dir, max_len, bucket_step, train_examples, subset_seed (as lora_jax.experiment.DataSchema has them).
     """
-    split = train_subset(e2e.load_e2e("train", data.get("dir")), data.get("max_train_rows"), data.get("subset_seed", 0))
+    split = train_subset(e2e.load_e2e("train", data.get("dir")), data.get("train_examples"), data.get("subset_seed", 0))
     train_set = causal_rows(split, tokenizer, data.get("max_len") or 512)
     buckets = e2e.length_buckets(train_set["attention_mask"].sum(axis=1), data.get("bucket_step") or 8)
     grouped = eval_references(data.get("dir"), decode)

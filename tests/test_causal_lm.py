@@ -202,5 +202,5 @@ def test_a_subset_is_the_same_rows_for_every_run(e2e_dir) -> None:
     a, b = causal_lm.train_subset(split, 10, seed=0), causal_lm.train_subset(split, 10, seed=0)
     assert a == b and len(a) == 10 and set(a.mrs) <= set(split.mrs)
     assert causal_lm.train_subset(split, None) is split
-    with pytest.raises(ValueError, match="data.max_train_rows must be >= 1"):
+    with pytest.raises(ValueError, match="data.train_examples must be >= 1"):
         causal_lm.train_subset(split, 0)

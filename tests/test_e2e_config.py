@@ -93,7 +93,7 @@ def test_the_offline_smollm2_config_composes_to_lora_on_q_proj_v_proj_of_the_ggu
     lora = lora_config_for(cfg, "llama")
     assert (lora.r, lora.alpha, lora.targets) == (4, 32, ("self_attn.q_proj", "self_attn.v_proj"))
     optim, decode = train_config(cfg), decode_config(cfg)
-    assert (optim.label_smoothing, optim.epochs, cfg.data.max_train_rows) == (0.1, 1, 2000)
+    assert (optim.label_smoothing, optim.epochs, cfg.data.train_examples) == (0.1, 1, 2000)
     assert (decode.num_beams, decode.length_penalty, decode.no_repeat_ngram_size, decode.max_mrs) == (10, 0.9, 4, None)
     variant = compose("+exp=e2e_smollm2", "lora.r=8", "lora.targets=[all-linear]")
     assert lora_config_for(variant, "llama").targets == ("all-linear",)

