@@ -21,6 +21,10 @@ PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the paper prints these x100, the scor
 FULL_TRAIN_ROWS = 42_061
 
 
+PAPER_METHODS = {"lora": "LoRA", "ft": "FT", "full": "FT", "adapter_l": "Adapter^L", "adapter_h": "Adapter^H",
+                 "ft_top2": "FT^Top2", "prefix_layer": "PreLayer", "prefix_embed": "PreEmbed"}
+
+
 def _score(name: str, value: float) -> str:
     return f"{100 * value:.1f}" if name in PERCENT else f"{value:.2f}"
 
@@ -83,11 +87,13 @@ def e2e_table(results_dir: Path, out_dir: Path, table3: dict[str, Any]) -> str:
     ]
     computed = table3["computed_params"]
     for row in table3["rows"]:
-        count = computed[row["model"]]["lora" if row["method"] == "lora" else "ft"]
+        method = row["method"]
+        count = computed[row["model"]].get("lora" if method == "lora" else "ft" if method in ("ft", "full") else "")
         pm = row.get("pm", {})
         cells = [f"{row['score'][m]}" + (f" ±{pm[m]}" if m in pm else "") for m in metrics]
-        name = f"{PAPER_MODELS[row['model']]} ({'LoRA' if row['method'] == 'lora' else 'FT'}){row.get('mark', '')}"
-        lines.append(f"| {name} | {row['params']} | {count:,} | {' | '.join(cells)} |")
+        name = f"{PAPER_MODELS[row['model']]} ({PAPER_METHODS.get(method, method)}){row.get('mark', '')}"
+        count_cell = f"{count:,}" if count is not None else "[param_counts.md](param_counts.md)"
+        lines.append(f"| {name} | {row['params']} | {count_cell} | {' | '.join(cells)} |")
     lines += [
         "",
         "## Ours",
