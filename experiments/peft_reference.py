@@ -279,6 +279,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "stopped_early": False,  # run.py's key; only its hyperparameter-search hook stops early
         "wall_time_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None,
+        "padding_fraction": None,  # run.py's key; this loop pads every batch to its own longest row, uncounted
+        "adapter": None,  # run.py's key: a bottleneck adapter's config (none here)
         "exports": {"adapter": "adapter"} if best_state is not None and cfg.method == "lora" else {},  # PEFT format
         "exp": cfg.exp_name,
         "task": cfg.task,

@@ -81,6 +81,8 @@ def next_token_labels(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarra
 def train_subset(split: e2e.E2ESplit, rows: int | None, seed: int = 0) -> e2e.E2ESplit:
     """`rows` training pairs drawn without replacement by `seed` (in file order), or the whole split."""
     keep = subset_indices(len(split), rows, seed)
+    if len(keep) == len(split):
+        return split
     return e2e.E2ESplit(tuple(split.mrs[i] for i in keep), tuple(split.references[i] for i in keep))
 
 

@@ -20,7 +20,8 @@ from lora_jax.lora import LoraConfig, LoraError
 from lora_jax.prefix import PREFIX_METHODS
 
 EXPORTS = ("adapter", "peft", "merged")  # folder names under the run directory, too
-ADAPTER_FILE = ("lora", "bitfit", *ADAPTER_METHODS, FT_TOP2)  # methods whose trained leaves make an adapter file
+# methods whose trained leaves make an adapter file
+ADAPTER_FILE = ("lora", "bitfit", *ADAPTER_METHODS, FT_TOP2, *PREFIX_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)

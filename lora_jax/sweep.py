@@ -237,7 +237,7 @@ def train_packed(
     for run, trainable, opt_state in zip(runs, trainables, opt_states, strict=True):
         checkpoints = RunCheckpoints(Path(run.out_dir) / "checkpoints")
         meta = {"step": 0, "epoch": 0, "history": [], "best": None, "best_epoch": None, "wall_time": 0.0,
-                "tokens": 0, "step_time": 0.0}  # fmt: skip
+                "tokens": 0, "slots": 0, "step_time": 0.0}  # fmt: skip
         restored = checkpoints.restore_latest({"trainable": trainable, "opt_state": opt_state})
         if restored is not None:
             saved, meta = restored
@@ -289,8 +289,9 @@ def train_packed(
                 losses = jnp.where(active, group_losses, losses)
             step += 1
             pending.append((step, epoch, losses))
-            for book, count in zip(books, tokens, strict=True):
-                book.meta.update(epoch=epoch, tokens=book.meta["tokens"] + count)
+            for book, (count, slots) in zip(books, tokens, strict=True):
+                book.meta.update(epoch=epoch, tokens=book.meta["tokens"] + count,
+                                 slots=book.meta.get("slots", 0) + slots)  # fmt: skip
             bar.update()
             last = step >= total or step % steps_per_epoch == 0
             periodic = config.save_every_steps and step % config.save_every_steps == 0 and not last
@@ -333,6 +334,7 @@ def train_packed(
             "stopped_early": stopped_early,
             "wall_time_s": time.perf_counter() - book.started,
             "tokens_per_s": book.meta["tokens"] / book.meta["step_time"] if book.meta.get("step_time") else None,
+            "padding_fraction": 1.0 - book.meta["tokens"] / book.meta["slots"] if book.meta.get("slots") else None,
             "packed_with": [str(r.out_dir) for r in runs],
         }
         if book.meta["best"] is not None:
