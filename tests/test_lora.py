@@ -91,7 +91,7 @@ def test_layer_never_materialises_the_full_update():
     model, params, x = tiny()
     wrapped = perturb_lora_b(lora_wrap(params, QV, jax.random.key(1)))
     shapes = _dot_shapes(jax.make_jaxpr(model.apply)(wrapped, x).jaxpr)
-    assert ((2, 5, 16), (16, 4)) in shapes and ((2, 5, 4), (4, 16)) in shapes  # (x A) B
+    assert ((10, 16), (16, 4)) in shapes and ((10, 4), (4, 16)) in shapes  # (x A) B over the 2 x 5 tokens
     assert ((16, 4), (4, 16)) not in shapes  # never A B
     grad_shapes = _dot_shapes(jax.make_jaxpr(jax.grad(lambda p: model.apply(p, x).sum()))(wrapped).jaxpr)
     assert ((16, 4), (4, 16)) not in grad_shapes
