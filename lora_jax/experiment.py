@@ -296,9 +296,10 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
 PACKED_KEYS = ("seed", "optim.lr", "lora.r", "lora.alpha", "run", "out_dir")  # what a packed sweep's runs vary
 
 
-def run_packed(cfgs: Sequence[DictConfig]) -> list[dict[str, Any]]:
+def run_packed(cfgs: Sequence[DictConfig], exact_dropout: bool = False) -> list[dict[str, Any]]:
     """The runs of a sweep over seed / optim.lr / lora.r / lora.alpha of one task trained as one program
-    (lora_jax.sweep): each run's folder, metrics, summary and adapter are what `run` writes for it alone."""
+    (lora_jax.sweep): each run's folder, metrics, summary and adapter are what `run` writes for it alone
+    (with dropout on, `exact_dropout` decides whether its masks are too: lora_jax.sweep.train_packed)."""
     if not cfgs:
         raise ValueError("run_packed needs at least one config.")
     for cfg in cfgs:
@@ -324,7 +325,7 @@ def run_packed(cfgs: Sequence[DictConfig]) -> list[dict[str, Any]]:
         runs.append(SweepRun(params, config, lora, out_dir, _loggers(cfg, out_dir), export))
     module, tokenizer, model_config, _ = loaded
     train_set, eval_sets, spec = _datasets(cfgs[0], task, tokenizer, model_config, False)
-    summaries = train_packed(module, runs, train_set, eval_sets, spec)
+    summaries = train_packed(module, runs, train_set, eval_sets, spec, exact_dropout=exact_dropout)
     return [
         _finish(c, task, r.lora_config, s, r.out_dir, _model_type(model_config))
         for c, r, s in zip(cfgs, runs, summaries, strict=True)

@@ -182,18 +182,22 @@ def _step_groups(dataset, batch_size: int, seeds: Sequence[int], epoch: int, ski
     """Each step's batches as [(active runs (K,) bool, (K, rows, width) batch)]: every run's own rows (its seed's
     order, as epoch_batches gives it), and each run's real-token count.
 
-    Without dropout, one group: all runs cropped to the widest bucket among them (a run's extra columns are the
-    dataset's own padding, masked out). With dropout (`by_width`), one group per bucket width, each run in the
-    group of its own width, as a separate run crops it: a dropout mask depends on the array's shape, so a run
-    padded wider would draw other masks. Runs outside a group get filler rows there and keep their state.
+    One group by default: all runs cropped to the widest bucket among them (a run's extra columns are the
+    dataset's own padding, masked out). `by_width`: one group per bucket width, each run in the group of its own
+    width, as a separate run crops it, so each run draws the dropout masks a separate run would (a mask depends
+    on the array's shape); runs outside a group get filler rows there and keep their state, so a step costs up to
+    one full packed step per distinct width.
     """
     lengths, rows = sequence_lengths(dataset), -(-batch_size // num_devices) * num_devices
     buckets = default_buckets(dataset["attention_mask"].shape[1])
     plans = [epoch_plan(lengths, batch_size, seed, epoch)[skip:] for seed in seeds]
     for indices in zip(*plans, strict=True):
         widths = [bucket_length(int(lengths[i].max()), buckets) for i in indices]
-        tokens = [_tokens(take(dataset, i, rows, (w,))) for i, w in zip(indices, widths, strict=True)]
         groups = sorted(set(widths)) if by_width else [max(widths)]
+        tokens = [
+            _tokens(take(dataset, i, rows, (w if by_width else groups[0],)))
+            for i, w in zip(indices, widths, strict=True)
+        ]  # (real, slots) at the width the run trains at
         steps = []
         for width in groups:
             active = np.array([w == width or not by_width for w in widths])
@@ -211,9 +215,15 @@ def train_packed(
     eval_sets: dict[str, dict[str, np.ndarray]],
     spec: EvalSpec,
     mesh: Any = None,
+    exact_dropout: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every run in `runs` at once; returns their summaries, each what `train` would return for it (plus
-    `packed_with`, the folders trained together; wall and step times are the sweep's)."""
+    `packed_with`, the folders trained together; wall and step times are the sweep's).
+
+    With dropout off the runs follow K separate runs' arithmetic whatever the batch widths. With dropout on, each
+    run draws its masks at the packed (widest) width: dropout of the same rate, but not the draw a separate run
+    makes. `exact_dropout=True` steps once per distinct width instead, so every run draws a separate run's masks,
+    at up to one packed step per width."""
     mesh = mesh or make_mesh()
     _check(runs)
     config = runs[0].config
@@ -265,7 +275,7 @@ def train_packed(
     train_step = jax.jit(packed_train_step(module, tx, spec.num_labels), donate_argnums=(0,))
     _, eval_step = make_steps(module, tx, spec.num_labels, config.seed, spec.generate)
     eval_step = jax.jit(eval_step)
-    by_width = _dropout_on(module, runs)
+    by_width = exact_dropout and _dropout_on(module, runs)
 
     def run_view(k: int) -> tuple[Prepared, TrainState]:
         """Run k as train() holds it: its own unpadded trainable half and optimizer state."""

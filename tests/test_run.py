@@ -187,8 +187,10 @@ def test_bad_overrides_give_one_clear_line(extra, expected, tiny_bert, tiny_glue
 def test_packed_launcher_runs_a_sweep_as_one_program_with_the_separate_runs_folders(reference_run, tiny_bert,
                                                                                      tiny_glue, tmp_path):  # fmt: skip
     """`-m hydra/launcher=packed seed=0,1 lora.r=2,4`: four runs in one process, one folder each, named as the
-    basic launcher names them; the (seed 0, r 4) one equals the reference run made alone (dropout on)."""
-    args = ["-m", *overrides(tiny_bert, tiny_glue, tmp_path), "hydra/launcher=packed", "seed=0,1", "lora.r=2,4"]
+    basic launcher names them; with `exact_dropout` the (seed 0, r 4) one equals the reference run made alone
+    (dropout on: each run draws a separate run's masks)."""
+    args = ["-m", *overrides(tiny_bert, tiny_glue, tmp_path), "hydra/launcher=packed", "seed=0,1", "lora.r=2,4",
+            "hydra.launcher.exact_dropout=true"]  # fmt: skip
     code, out, err = finish(run_py(args))
     assert code == 0, err[-3000:]
     sweep = tmp_path / "default" / "mrpc"

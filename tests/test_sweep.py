@@ -161,3 +161,22 @@ def test_padded_rank_slots_stay_exactly_zero_with_dropout(tiny_bert):
         if "lora_b" in path:
             assert np.abs(np.asarray(leaf)[~pad]).max() > 0, path  # the real slots moved
     assert padded > 0
+
+
+def test_step_groups_pack_at_the_widest_width_unless_dropout_must_match():
+    """Default: one packed step per step, every run active at the widest bucket (slots counted at that width);
+    by_width (exact_dropout with dropout on): one step per distinct width, each run active at its own."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 40, 32)
+    mask = (np.arange(48)[None, :] < lengths[:, None]).astype(np.int32)
+    data = {"input_ids": mask * 7, "attention_mask": mask, "labels": np.zeros(32, np.int32)}
+    packed = next(sweep._step_groups(data, 4, [0, 1, 2], 0, 0, 1, by_width=False))
+    exact = next(sweep._step_groups(data, 4, [0, 1, 2], 0, 0, 1, by_width=True))
+    (groups, tokens), (exact_groups, exact_tokens) = packed, exact
+    assert len(groups) == 1 and groups[0][0].all()
+    width = groups[0][1]["input_ids"].shape[-1]
+    assert all(slots == 4 * width for _, slots in tokens)
+    assert [real for real, _ in tokens] == [real for real, _ in exact_tokens]
+    widths = [b["input_ids"].shape[-1] for _, b in exact_groups]
+    assert len(widths) > 1 and widths == sorted(set(widths)) and max(widths) == width
+    assert np.sum([active for active, _ in exact_groups], axis=0).tolist() == [1, 1, 1]  # each run steps once

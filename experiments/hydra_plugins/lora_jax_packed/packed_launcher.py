@@ -1,6 +1,7 @@
 """`hydra/launcher=packed`: a multirun over seed / optim.lr / lora.r / lora.alpha of one task as ONE program.
 
     python experiments/run.py -m hydra/launcher=packed +exp=glue_minilm_lrsel task=mrpc optim.lr=5e-4,1e-3,2e-3 seed=0,1
+    ... hydra.launcher.exact_dropout=true   # each run's dropout masks those of a separate run (slower)
 
 Hydra still sets every job up as its basic launcher does (its folder, .hydra/ with config, hydra and overrides);
 then lora_jax.experiment.run_packed trains all the jobs' runs in one jitted step (lora_jax.sweep) and writes
@@ -27,14 +28,17 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PackedLauncherConf:
     _target_: str = "hydra_plugins.lora_jax_packed.packed_launcher.PackedLauncher"
+    # true: each run draws the dropout masks a separate run would (one step per distinct batch width, slower)
+    exact_dropout: bool = False
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf)
 
 
 class PackedLauncher(Launcher):
-    def __init__(self) -> None:
+    def __init__(self, exact_dropout: bool = False) -> None:
         super().__init__()
+        self.exact_dropout = exact_dropout
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -63,7 +67,7 @@ class PackedLauncher(Launcher):
                                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         try:
-            summaries = run_packed(cfgs)
+            summaries = run_packed(cfgs, exact_dropout=self.exact_dropout)
         except Exception as e:  # every job of the program failed with it; the sweeper reports it
             for ret in returns:
                 ret.status, ret.return_value = JobStatus.FAILED, e

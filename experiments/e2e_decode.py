@@ -1,0 +1,110 @@
+"""Decode a trained E2E run's adapter on a whole split and score it: the evaluation a run itself may have cut short
+(`generate.max_mrs`), resumable batch by batch because a beam-10 pass over the 630 test MRs takes an hour on CPU.
+
+    python experiments/e2e_decode.py +exp=e2e_smollm2 +from_run=<run folder> results_dir=/work/e2e-runs
+
+Same model, decoding settings and scorer as the run's own eval (`generate.*` of the config; `generate.max_mrs`
+unset scores every MR), with the adapter the run exported (<run folder>/adapter). Writes
+<results_dir>/<exp>/e2e/<that run>_decoded/: summary.json (the layout
+experiments/tables.py reads), metrics.jsonl, <split>_outputs.txt, and batches/ (each decoded batch, written
+atomically; a rerun of the same command skips the batches already there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lora_jax import causal_lm
+from lora_jax.adapters import load_adapter
+from lora_jax.data import e2e
+from lora_jax.data.batching import eval_batches
+from lora_jax.experiment import (
+    CAUSAL_TASKS,
+    decode_config,
+    git_commit,
+    model_folder,
+    model_name,
+    register_resolvers,
+    store_schemas,
+)
+from lora_jax.models.hub import from_pretrained
+
+register_resolvers()
+store_schemas(ConfigStore.instance())
+
+
+def decode_resumably(generate, params, dataset, batch_size: int, folder: Path) -> np.ndarray:
+    """Every row's generated tokens, in order; batch i is kept as folder/i.npy once decoded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = []
+    for i, batch in enumerate(eval_batches(dataset, batch_size)):
+        path = folder / f"{i:05d}.npy"
+        if not path.exists():
+            out = np.asarray(generate(params, {k: batch[k] for k in ("input_ids", "attention_mask")}))
+            partial = path.with_suffix(".tmp.npy")
+            np.save(partial, out[batch["weights"] > 0])
+            os.replace(partial, path)
+            print(f"batch {i}: {int(np.sum(batch['weights'] > 0))} rows decoded", flush=True)
+        tokens.append(np.load(path))
+    width = max(t.shape[1] for t in tokens)
+    return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tokens])
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if cfg.task not in CAUSAL_TASKS or not cfg.get("from_run"):
+        print("error: decode a trained E2E run: add +exp=e2e_smollm2 +from_run=<its run folder>.", file=sys.stderr)
+        sys.exit(2)
+    OmegaConf.resolve(cfg)
+    decode = decode_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    module, base, tokenizer, _ = from_pretrained(
+        model_folder(cfg.model.name_or_path), task="causal-lm", dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype), quantize=cfg.model.get("quantize"),
+    )  # fmt: skip
+    trained_dir = Path(cfg.from_run)
+    params, lora = load_adapter(trained_dir / "adapter", base)
+    data_dir = cfg.data.dir or os.environ.get("LORA_JAX_E2E_DIR")
+    grouped = causal_lm.eval_references(data_dir, decode)
+    dataset = causal_lm.prompt_set(e2e.tokenize_prompts(grouped.mrs, tokenizer))
+    eos = e2e.end_of_text_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generate_batch = causal_lm.decoder(decode, [eos], pad)
+    generate = jax.jit(lambda p, b: generate_batch(module, p, b))
+    tokens = decode_resumably(generate, params, dataset, cfg.optim.eval_batch_size, out_dir / "batches")
+    scores = causal_lm.scorer(grouped, tokenizer, decode.samples)(tokens, dataset["labels"])
+    (out_dir / f"{decode.split}_outputs.txt").write_text("\n".join(scores["decoded"]) + "\n")
+    record = {k: v for k, v in scores.items() if k not in ("decoded", "samples")}
+    (out_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "epoch": 0, **record,
+                                                        "samples": scores["samples"]}) + "\n")  # fmt: skip
+    trained = json.loads((trained_dir / "summary.json").read_text())
+    summary = {
+        "exp": cfg.exp_name, "task": cfg.task, "run": cfg.run, "seed": trained.get("seed"), "method": "lora",
+        "main_metric": causal_lm.MAIN_METRIC, "best": record[causal_lm.MAIN_METRIC], "best_epoch": 0,
+        "history": [{"step": 0, "epoch": 0, **record}], "trainable_params": trained.get("trainable_params"),
+        "lora": {"r": lora.r, "alpha": lora.alpha, "targets": list(lora.targets)}, "mrs": len(grouped.mrs),
+        "decoded_from": trained_dir.name, "train_rows": trained.get("train_rows"),
+        "model": model_name(cfg.model.name_or_path), "outputs": f"{decode.split}_outputs.txt",
+        "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }  # fmt: skip
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(", ".join(f"{k}={v:.4f}" for k, v in record.items()), f"-> {out_dir}")
+
+
+if __name__ == "__main__":
+    if not any(arg.startswith("run=") for arg in sys.argv[1:]):  # named for the run whose adapter it decodes
+        trained = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("+from_run=")), "run")
+        sys.argv.append(f"run={Path(trained).resolve().name}_decoded")
+    main()
