@@ -97,8 +97,11 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
     if not points:
         lines.append("| - | - | - | no run has evaluated yet | - | - |")
     if chosen:
-        lines += ["", "Selected: " + "; ".join(
+        training = {key: sum(not p.finished for p in points if (p.task, p.method) == key) for key in chosen}
+        caveat = "a grid point still training, or not started, can still win"
+        lines += ["", f"Selected among finished runs ({caveat}): " + "; ".join(
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} lr {p.lr:g} ({100 * p.best:.1f})"
+            + (f", provisional: {training[(t, m)]} still training" if training[(t, m)] else "")
             for (t, m), p in sorted(chosen.items())
         ) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -43,4 +43,5 @@ def test_selection_picks_the_best_finished_point_and_flags_a_last_epoch_best(tmp
     assert "77.0 | 4 ⚠ / 4 | finished" in rows[0]
     assert "**80.0** | 2 / 4 | finished" in rows[1]
     assert "90.0 | 2 / 2 | training (2/4 epochs)" in rows[2] and "**" not in rows[2]
-    assert "Selected: MRPC LoRA r=8 α=8 W_q,W_v lr 0.001 (80.0); STS-B full FT lr 2e-05 (87.0)." in table
+    assert ("MRPC LoRA r=8 α=8 W_q,W_v lr 0.001 (80.0), provisional: 1 still training; "
+            "STS-B full FT lr 2e-05 (87.0).") in table
