@@ -33,12 +33,15 @@ from benchmarks.common import machine_info, peak_rss_mb, reset_peak_rss, summari
 
 GGUF_ENV = "LORA_JAX_SMOLLM2_GGUF"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# config -> (worker module, framework, base). base: float32 | bfloat16 | nf4 | gguf (the file's Q4_1 blocks kept)
+# config -> (worker module, framework, base). base: float32 | bfloat16 | nf4 | gguf (the file's Q4_1 blocks kept);
+# "+table": the tied token table held quantized too (nf4; the file's Q8_0 blocks), which QLoRA leaves in float.
 CONFIGS = {
     "lora_jax/fp32": ("quant_jax", "lora_jax", "float32"),
     "lora_jax/bf16": ("quant_jax", "lora_jax", "bfloat16"),
     "lora_jax/nf4": ("quant_jax", "lora_jax", "nf4"),
+    "lora_jax/nf4+table": ("quant_jax", "lora_jax", "nf4+table"),
     "lora_jax/gguf-q4_1": ("quant_jax", "lora_jax", "gguf"),
+    "lora_jax/gguf-q4_1+table": ("quant_jax", "lora_jax", "gguf+table"),
     "qwix/lora-fp32": ("quant_jax", "qwix", "float32"),
     "qwix/qlora-nf4": ("quant_jax", "qwix", "nf4"),
     "peft/fp32": ("quant_torch", "peft", "float32"),

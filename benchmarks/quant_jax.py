@@ -36,18 +36,19 @@ def stored_bytes(tree: Any) -> int:
     return total
 
 
-def load(spec: QuantSpec, quantize: str | None):
+def load(spec: QuantSpec, quantize: str | None, quantize_embedding: bool = False):
     dtype = jnp.bfloat16 if spec.base == "bfloat16" else jnp.float32
     module, params, _, _ = hub.from_pretrained(spec.checkpoint, task="causal-lm", dtype=dtype, param_dtype=dtype,
-                                               quantize=quantize)  # fmt: skip
+                                               quantize=quantize, quantize_embedding=quantize_embedding)  # fmt: skip
     return module, params
 
 
 def lora_jax_setup(spec: QuantSpec):
-    """lora_jax: the base quantized on loading (nf4; gguf keeps the file's Q4_1 blocks), then `lora_wrap`; the
-    step is `train.prepare`'s, as `train()` runs it."""
-    quantize = {"nf4": "nf4", "gguf": "gguf" if spec.checkpoint.endswith(".gguf") else "q4_1"}.get(spec.base)
-    module, params = load(spec, quantize)
+    """lora_jax: the base quantized on loading (nf4; gguf keeps the file's Q4_1 blocks; "+table": the token table
+    too), then `lora_wrap`; the step is `train.prepare`'s, as `train()` runs it."""
+    base, _, table = spec.base.partition("+")
+    quantize = {"nf4": "nf4", "gguf": "gguf" if spec.checkpoint.endswith(".gguf") else "q4_1"}.get(base)
+    module, params = load(spec, quantize, quantize_embedding=table == "table")
     lora = hub.lora_config("llama", ("all-linear",), r=spec.rank, alpha=2.0 * spec.rank)
     params = lora_wrap(params, lora, jax.random.key(0))
     config = lj_train.TrainConfig(method="lora", batch_size=spec.batch, progress=False)

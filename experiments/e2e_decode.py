@@ -73,6 +73,7 @@ def main(cfg: DictConfig) -> None:
     module, base, tokenizer, _ = from_pretrained(
         model_folder(cfg.model.name_or_path), task="causal-lm", dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype), quantize=cfg.model.get("quantize"),
+        quantize_embedding=bool(cfg.model.get("quantize_embedding", False)),
     )  # fmt: skip
     trained_dir = Path(cfg.from_run)
     params, lora = load_adapter(trained_dir / "adapter", base)

@@ -119,6 +119,7 @@ class ModelSchema:
     train_also: list[str] = dataclasses.field(default_factory=list)  # the head (and what else trains with it)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Config fields of the family
     quantize: Optional[str] = None  # noqa: UP045  frozen base held quantized: nf4 | int8 | q8_0 | q4_1 | gguf
+    quantize_embedding: bool = False  # the token table quantized too (the tied LM head reads it in its matmul)
 
 
 @dataclasses.dataclass
@@ -386,6 +387,7 @@ def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, 
         seed=cfg.seed,
         remat=cfg.model.remat,
         quantize=cfg.model.get("quantize"),
+        quantize_embedding=bool(cfg.model.get("quantize_embedding", False)),
         **(OmegaConf.to_container(cfg.model.overrides) if cfg.model.get("overrides") else {}),
     )
     lora = lora_config_for(cfg, _model_type(model_config))

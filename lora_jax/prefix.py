@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.quant import is_quantized
 from lora_jax.tree import combine, leaf_paths
 
 PREFIX_EMBED, INFIX_EMBED = "prefix_embed", "infix_embed"
@@ -102,16 +103,33 @@ class Embed(nn.Embed):
     """`flax.linen.Embed` that reads ids >= num_embeddings from `prefix_embed`/`infix_embed` when they are present.
 
     Without those leaves it is nn.Embed exactly. The LM head (`attend`) scores the vocabulary only: special tokens
-    are read, never predicted.
+    are read, never predicted. A frozen table held quantized (`lora_jax.quant.Table`) is read as it is: a lookup
+    dequantizes the rows it reads, and `attend` dequantizes inside the matmul.
     """
+
+    def setup(self) -> None:
+        if self.has_variable("params", "embedding") and is_quantized(self.get_variable("params", "embedding")):
+            self.embedding = self.get_variable("params", "embedding")  # no init-shape check on a quantized leaf
+        else:
+            super().setup()
+
+    def _lookup(self, inputs: jax.Array) -> jax.Array:
+        if is_quantized(self.embedding):
+            return self.embedding.rows(inputs, self.dtype or self.embedding.dtype)
+        return super().__call__(inputs)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         rows = _rows(self.variables.get("params", {}), EMBED_LEAVES)
         if rows is None:
-            return super().__call__(inputs)
+            return self._lookup(inputs)
         special = inputs - self.num_embeddings
-        x = super().__call__(jnp.where(special >= 0, 0, inputs))
+        x = self._lookup(jnp.where(special >= 0, 0, inputs))
         return _overwrite(x, special, rows)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        if is_quantized(self.embedding):
+            return self.embedding.attend(query.astype(self.dtype or query.dtype))
+        return super().attend(query)
 
 
 def layer_input(stack: nn.Module, layer: str, x: jax.Array, special: jax.Array | None) -> jax.Array:
@@ -170,8 +188,8 @@ def prefix_paths(module: nn.Module) -> tuple[str, str]:
             f"prefix tuning is defined here for encoder-only and decoder-only families (BERT/RoBERTa, DistilBERT, "
             f"DeBERTa, GPT-2, Llama), not {family.name}; use method=lora (or full, bitfit)."
         )
-    resolve = lambda p: p(module.config) if callable(p) else p  # noqa: E731
-    return resolve(family.token_embedding), resolve(family.layer_stack)
+    stack = family.layer_stack
+    return family.embedding_path(module.config), stack(module.config) if callable(stack) else stack
 
 
 def _num_layers(stack: Mapping[str, Any]) -> int:

@@ -80,6 +80,11 @@ class Quantized(PathLeaf):
     def dequantize(self, dtype: Any = None) -> jax.Array:
         raise NotImplementedError
 
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        """Rows `ids` of the torch-layout weight (d_out, d_in), i.e. kernel columns, as (*ids.shape, d_in): what an
+        embedding lookup reads. Formats whose blocks lie along those rows dequantize only the rows asked for."""
+        return jnp.take(self.dequantize(dtype).T, ids, axis=0)
+
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, Quantized)
@@ -132,14 +137,24 @@ class NF4(Quantized):
             block_size, absmax_block_size,
         )  # fmt: skip
 
-    def block_absmax(self) -> jax.Array:
-        """The float32 absmax of every block (double quantization undone)."""
+    def block_absmax(self, blocks: jax.Array | None = None) -> jax.Array:
+        """The float32 absmax of every block, or of the blocks numbered `blocks` (double quantization undone)."""
+        blocks = jnp.arange(self.absmax.shape[0]) if blocks is None else blocks
         if self.absmax_scale is None:
-            return self.absmax
-        n = self.absmax.shape[0]
-        padded = jnp.pad(self.absmax, (0, -n % self.absmax_block_size)).reshape(-1, self.absmax_block_size)
-        values = jnp.asarray(DYNAMIC_CODE)[padded] * self.absmax_scale[:, None]
-        return values.reshape(-1)[:n] + self.absmax_offset
+            return self.absmax[blocks]
+        scale = self.absmax_scale[blocks // self.absmax_block_size]
+        return jnp.asarray(DYNAMIC_CODE)[self.absmax[blocks]] * scale + self.absmax_offset
+
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        d_in, d_out = self.shape
+        if d_in % self.block_size:  # blocks straddle rows
+            return super().rows(ids, dtype)
+        per_row = d_in // self.block_size
+        codes = self.codes.reshape(d_out, d_in // 2)[ids]
+        indices = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(*ids.shape, per_row, self.block_size)
+        absmax = self.block_absmax(ids[..., None] * per_row + jnp.arange(per_row))
+        values = jnp.asarray(NF4_CODE)[indices] * absmax[..., None]
+        return values.reshape(*ids.shape, d_in).astype(dtype or self.dtype)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         d_in, d_out = self.shape
@@ -174,6 +189,10 @@ class Int8(Quantized):
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         return (self.values.astype(jnp.float32) * self.scale).astype(dtype or self.dtype)
+
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        values = jnp.moveaxis(jnp.take(self.values, ids, axis=1), 0, -1).astype(jnp.float32)
+        return (values * self.scale[ids][..., None]).astype(dtype or self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +229,10 @@ class Q8_0(Quantized):
         w = self.qs.astype(jnp.float32) * self.d.astype(jnp.float32)[..., None]
         return w.reshape(self.shape[1], self.shape[0]).T.astype(dtype or self.dtype)
 
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        w = self.qs[ids].astype(jnp.float32) * self.d[ids].astype(jnp.float32)[..., None]
+        return w.reshape(*ids.shape, self.shape[0]).astype(dtype or self.dtype)
+
 
 @struct.dataclass
 class Q4_1(Quantized):
@@ -240,6 +263,12 @@ class Q4_1(Quantized):
         q = jnp.concatenate([self.qs & 0xF, self.qs >> 4], axis=-1).astype(jnp.float32)
         w = self.d.astype(jnp.float32)[..., None] * q + self.m.astype(jnp.float32)[..., None]
         return w.reshape(self.shape[1], self.shape[0]).T.astype(dtype or self.dtype)
+
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        qs = self.qs[ids]
+        q = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.float32)
+        w = self.d[ids].astype(jnp.float32)[..., None] * q + self.m[ids].astype(jnp.float32)[..., None]
+        return w.reshape(*ids.shape, self.shape[0]).astype(dtype or self.dtype)
 
 
 GGUF_TYPES = {"Q8_0": Q8_0, "Q4_1": Q4_1}
@@ -322,18 +351,53 @@ def quantize(kernel: Any, method: str, **kw: Any) -> Quantized:
     raise QuantError(f"Unknown quantization method {method!r}; choose one of {list(METHODS)}.")
 
 
+@struct.dataclass
+class Table(Quantized):
+    """A frozen embedding table (vocab, d) held as the quantized kernel (d, vocab) of the LM head tied to it, so its
+    blocks run along token rows: a lookup dequantizes only the rows it reads, and the tied head is `matmul`."""
+
+    kernel: Quantized
+    shape: tuple[int, int] = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+
+    @classmethod
+    def quantize(cls, table: Any, method: str, **kw: Any) -> Table:
+        table = np.asarray(table)
+        return cls(quantize(table.T, method, **kw), tuple(table.shape), np.dtype(table.dtype))
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        return self.kernel.dequantize(dtype).T
+
+    def rows(self, ids: jax.Array, dtype: Any = None) -> jax.Array:
+        return self.kernel.rows(ids, dtype)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """query @ table.T: the tied LM head's logits."""
+        return matmul(query, self.kernel)
+
+
 def quantize_params(
-    params: Params, method: str, exclude: Sequence[str] = DEFAULT_EXCLUDE, **kw: Any
+    params: Params,
+    method: str,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    embeddings: Sequence[str] = (),
+    **kw: Any,
 ) -> dict[str, Any]:
     """Every frozen 2-D `kernel` quantized with `method`; LoRA leaves, biases, norms and embeddings stay as they
     are, and so do kernels whose path contains an `exclude` pattern as whole components (the heads by default,
-    e.g. `classifier.out_proj.kernel`: pass exclude=() to quantize them too). Already-quantized kernels stay."""
+    e.g. `classifier.out_proj.kernel`: pass exclude=() to quantize them too). Already-quantized kernels stay.
+    `embeddings`: module paths (e.g. "model.embed_tokens") whose `embedding` table is quantized too, as a `Table`;
+    QLoRA leaves the embedding in float, but a tied table is most of a small model's frozen bytes."""
     if method not in METHODS:
         raise QuantError(f"Unknown quantization method {method!r}; choose one of {list(METHODS)}.")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    embeddings = (embeddings,) if isinstance(embeddings, str) else tuple(embeddings)
 
     def convert(path: str, leaf: Any) -> Any:
-        if path.rpartition(".")[2] != "kernel" or is_quantized(leaf):
+        module, _, name = path.rpartition(".")
+        if name == "embedding" and module in embeddings and not is_quantized(leaf):
+            return Table.quantize(leaf, method, **kw)
+        if name != "kernel" or is_quantized(leaf):
             return leaf
         if np.ndim(leaf) != 2 or any(matches_leaf(p, path) for p in exclude):
             return leaf

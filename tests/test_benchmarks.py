@@ -230,11 +230,13 @@ def test_quant_benchmark_nf4_bases_and_the_report(tiny_llama_folder, tmp_path):
     lj, bnb = (_quant_run(c, tiny_llama_folder) for c in ("lora_jax/nf4", "peft/bnb-nf4"))
     assert lj["lora_jax_quantized_kernels"] == 2 * 7 and bnb["bnb_4bit_layers"] == 2 * 7
     assert abs(lj["losses"][0] - bnb["losses"][0]) < 1e-5
-    configs = ["lora_jax/fp32", "lora_jax/gguf-q4_1"] + (["qwix/qlora-nf4"] if importlib.util.find_spec("qwix") else [])
+    configs = ["lora_jax/fp32", "lora_jax/gguf-q4_1", "lora_jax/nf4+table"]
+    configs += ["qwix/qlora-nf4"] if importlib.util.find_spec("qwix") else []
     report = quant.main(["--quick", "--configs", *configs, "--out", str(tmp_path)])
     assert all("median_s" in report["results"][c] for c in configs), report["results"]
     base = {c: report["results"][c]["frozen_base_mb"] for c in configs}
-    assert base["lora_jax/gguf-q4_1"] < base["lora_jax/fp32"]
+    assert base["lora_jax/nf4+table"] < base["lora_jax/gguf-q4_1"] < base["lora_jax/fp32"]  # the table: fp32 in q4_1
     table = next(tmp_path.glob("quant-*-quick.md")).read_text()
     assert all(f"| {c} | " in table for c in configs)
-    assert [r["pass"] for r in ratios(report["results"])][2] is None  # no PEFT row: no verdict, not a pass
+    verdicts = {r["target"]: r["pass"] for r in ratios(report["results"])}
+    assert verdicts["PEFT+torch fp32 step / lora_jax fp32 step"] is None  # no PEFT row: no verdict, not a pass

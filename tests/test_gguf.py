@@ -69,8 +69,10 @@ def write_gguf(
     arch: str = "llama",
     drop: tuple[str, ...] = (),
     extra: tuple[str, ...] = (),
+    embedding_qtype=None,
 ) -> Path:
-    """`model` as llama.cpp would write it; `qtype` quantizes the 2-D weights (all but the embedding)."""
+    """`model` as llama.cpp would write it; `qtype` quantizes the 2-D weights but the embedding, `embedding_qtype`
+    the embedding (SmolLM2's file: Q8_0)."""
     config = model.config
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -108,8 +110,9 @@ def write_gguf(
         module = base.rsplit(".", 1)[-1]
         if module in heads:
             weights = llama_cpp_permute(weights, heads[module])
-        if qtype is not None and weights.ndim == 2 and name != "token_embd.weight":
-            writer.add_tensor(name, gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
+        kind = embedding_qtype if name == "token_embd.weight" else qtype
+        if kind is not None and weights.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(weights, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, weights)
     for name in extra:
@@ -324,6 +327,26 @@ def test_hub_keeps_the_files_blocks_as_quantized_kernels(tmp_path):
     float_leaves = dict(leaf_paths(floats))
     for p, leaf in kept.items():  # the very blocks: dequantizing them gives the float kernel exactly
         np.testing.assert_array_equal(np.asarray(leaf.dequantize()), np.asarray(float_leaves[p]), err_msg=p)
+    input_ids = np.asarray([tokenizer("the cat in the house").input_ids])
+    mask = np.ones_like(input_ids)
+    np.testing.assert_allclose(
+        causal_lm_logits(module, params, input_ids, mask), causal_lm_logits(module, floats, input_ids, mask),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+
+
+def test_hub_keeps_a_q8_0_token_table_as_the_files_blocks_when_asked(tmp_path):
+    quant = pytest.importorskip("lora_jax.quant")
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_llama(tied=True), qtype=gguf.GGMLQuantizationType.Q4_1,
+                      embedding_qtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+    module, params, tokenizer, _ = hub.from_pretrained(path, task="causal-lm", quantize="gguf", quantize_embedding=True)
+    _, floats, _, _ = hub.from_pretrained(path, task="causal-lm")
+    table = params["model"]["embed_tokens"]["embedding"]
+    assert isinstance(table, quant.Table) and isinstance(table.kernel, quant.Q8_0)
+    expected = floats["model"]["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(table.dequantize()), np.asarray(expected))
+    assert quant.base_bytes(params) < 0.35 * quant.base_bytes(floats)
     input_ids = np.asarray([tokenizer("the cat in the house").input_ids])
     mask = np.ones_like(input_ids)
     np.testing.assert_allclose(

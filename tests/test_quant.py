@@ -141,6 +141,58 @@ def test_gguf_blocks_dequantize_exactly_as_the_gguf_package_and_are_kept_unchang
             quant.from_gguf_blocks(name, raw, wrong)
 
 
+@pytest.mark.parametrize("method, shape", [*((m, (64, 50)) for m in METHODS), ("nf4", (48, 7))])
+def test_rows_are_the_dequantized_kernels_columns(method, shape):
+    """`rows` is an embedding lookup on the torch-layout weight; (48, 7) has nf4 blocks straddling rows."""
+    kernel = quant.quantize(_weights(shape), method)
+    ids = jnp.asarray([[3, 0, 49 % shape[1]], [1, 1, 2]])
+    expected = jnp.take(kernel.dequantize().T, ids, axis=0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernel.rows)(ids)), np.asarray(expected))
+
+
+@functools.cache
+def _tiny_llama():
+    from lora_jax.models import llama
+
+    config = llama.Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=True,
+    )  # fmt: skip
+    module = llama.build(config, "causal-lm")
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 96)
+    params = jax.jit(module.init)(jax.random.key(0), ids)["params"]
+    return module, params, (ids, jnp.ones_like(ids).at[1, 5:].set(0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_quantized_tied_table_serves_lookup_and_lm_head_as_its_dequantized_copy(method):
+    module, params, batch = _tiny_llama()
+    lora = LoraConfig(r=4, alpha=8, targets="all-linear")
+    wrapped = perturb_lora_b(lora_wrap(params, lora, jax.random.key(2)))
+    ours = quant.quantize_params(wrapped, method, embeddings=("model.embed_tokens",))
+    table = ours["model"]["embed_tokens"]["embedding"]
+    assert isinstance(table, quant.Table) and table.shape == (96, 64)
+    if method == "nf4":
+        assert quant.base_bytes(ours) < 0.3 * quant.base_bytes(wrapped)
+    logits = jax.jit(_logits, static_argnums=0)
+    reference = logits(module, quant.dequantize_params(ours), batch)
+    np.testing.assert_allclose(logits(module, ours, batch), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+    def loss(trainable):
+        return _logits(module, unpartition(trainable, frozen), batch).sum()
+
+    trainable, frozen = partition(ours, trainable_mask(ours, lora))
+    grads = jax.jit(jax.grad(loss))(trainable)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)) and any(np.abs(g).max() > 0 for g in
+                                                                             jax.tree.leaves(grads))  # fmt: skip
+    assert not any(quant.is_quantized(x) for x in jax.tree.leaves(trainable, is_leaf=quant.is_quantized))
+
+
+def test_quantize_embedding_needs_a_method(tmp_path):
+    with pytest.raises(ValueError, match="needs a quantize method"):
+        hub.from_pretrained(tmp_path, "causal-lm", quantize_embedding=True)
+
+
 def test_llama_qk_order_undoes_llama_cpp_permutation_on_whole_block_rows():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 

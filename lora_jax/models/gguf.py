@@ -48,6 +48,7 @@ LAYER_NAMES = {
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LINEAR_WEIGHT = re.compile(r"(.*_proj|lm_head)\.weight")  # what `keep_quantized=True` keeps in blocks
+TOKEN_EMBEDDING = "model.embed_tokens.weight"  # kept in blocks too when asked (hub's quantize_embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,17 +315,18 @@ def load_state(
 def with_blocks(params: Any, blocks: Mapping[str, GGUFBlocks], dtype: Any = jnp.float32) -> Any:
     """`params` with each kernel whose HF weight is in `blocks` held as a quantized leaf over those blocks."""
     from lora_jax.models.spec import hf_key
-    from lora_jax.quant import from_gguf_blocks
+    from lora_jax.quant import Table, from_gguf_blocks
     from lora_jax.tree import map_with_path
 
     placed = set()
 
     def leaf(path: str, value: Any) -> Any:
-        name = hf_key(path) if path.endswith(".kernel") else None
+        name = hf_key(path) if path.endswith((".kernel", ".embedding")) else None
         if name not in blocks:
             return value
         placed.add(name)
-        return from_gguf_blocks(blocks[name].qtype, blocks[name].data, blocks[name].shape, dtype)
+        kernel = from_gguf_blocks(blocks[name].qtype, blocks[name].data, blocks[name].shape, dtype)
+        return Table(kernel, tuple(blocks[name].shape), np.dtype(dtype)) if path.endswith(".embedding") else kernel
 
     params = map_with_path(leaf, params)
     if placed != set(blocks):

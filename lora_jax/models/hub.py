@@ -146,6 +146,7 @@ def from_pretrained(
     seed: int = 0,
     allow_unexpected: bool = False,
     quantize: str | None = None,
+    quantize_embedding: bool = False,
     **config_overrides: Any,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(module, params, tokenizer, config) from an HF checkpoint folder, a hub id, or a GGUF file (or its folder).
@@ -155,14 +156,21 @@ def from_pretrained(
     an error naming it, unless `allow_unexpected` (then it is logged and left out). `config_overrides` replace
     Config fields, e.g. `hidden_dropout_prob=0.0, remat=True`. `quantize` ("nf4", "int8", "q8_0", "q4_1") holds
     the frozen kernels quantized (`lora_jax.quant.quantize_params`; heads stay float); "gguf" keeps a GGUF
-    file's own Q8_0/Q4_1 blocks as they are (no requantization).
+    file's own Q8_0/Q4_1 blocks as they are (no requantization). `quantize_embedding` holds the token table
+    quantized too (a `lora_jax.quant.Table`, which the tied LM head reads inside its matmul; with "gguf", the
+    file's own blocks).
     """
     gguf_file = gguf.find_file(name_or_path)
     if quantize == "gguf" and gguf_file is None:
         raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks, but {name_or_path} is no GGUF file; "
                          "use quantize='nf4', 'int8', 'q8_0' or 'q4_1'.")  # fmt: skip
+    if quantize_embedding and quantize is None:
+        raise ValueError("quantize_embedding=True needs a quantize method for the table: pass quantize='nf4' "
+                         "(or 'int8', 'q8_0', 'q4_1', 'gguf').")  # fmt: skip
     if gguf_file is not None:
-        checkpoint = gguf.load(gguf_file, keep_quantized=quantize == "gguf")
+        keep = lambda name: gguf.LINEAR_WEIGHT.fullmatch(name) is not None or (  # noqa: E731
+            quantize_embedding and name == gguf.TOKEN_EMBEDDING)
+        checkpoint = gguf.load(gguf_file, keep_quantized=keep if quantize == "gguf" else False)
         hf, state, tokenizer = checkpoint.config, checkpoint.state, checkpoint.tokenizer
     else:
         folder = resolve(name_or_path)
@@ -187,7 +195,8 @@ def from_pretrained(
     if blocks:
         params = gguf.with_blocks(params, blocks, param_dtype)
     elif quantize is not None:
-        params = quantize_params(params, quantize)
+        embedding = family_of(config).embedding_path(config) if quantize_embedding else None
+        params = quantize_params(params, quantize, embeddings=(embedding,) if embedding else ())
     return family_of(config).build(config, task), params, tokenizer, config
 
 

@@ -119,6 +119,10 @@ class FamilySpec:
     token_embedding: str | Callable[[Any], str] | None = None
     layer_stack: str | Callable[[Any], str] | None = None
 
+    def embedding_path(self, config: Any) -> str | None:
+        """Module path of the token embedding under `config` (None: the family names none)."""
+        return self.token_embedding(config) if callable(self.token_embedding) else self.token_embedding
+
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(task for _, task in self.architectures))
