@@ -331,7 +331,9 @@ def matmul(x: jax.Array, kernel: Quantized, precision: Any = None) -> jax.Array:
 
 @partial(jax.checkpoint, static_argnums=(2,))
 def _dequantized_dot(x: jax.Array, kernel: Quantized, precision: Any) -> jax.Array:
-    return jnp.dot(x, kernel.dequantize(x.dtype), precision=precision)
+    # leading axes flattened into one token axis, as layers.token_dot (which imports this module) does
+    out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.dequantize(x.dtype), precision=precision)
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def quantize(kernel: Any, method: str, **kw: Any) -> Quantized:
