@@ -130,7 +130,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from lora_jax import sweep
+    from lora_jax import objective, sweep
     from lora_jax import train as lj_train
     from lora_jax.methods import partition, trainable_mask
     from lora_jax.sharding import make_mesh
@@ -151,7 +151,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         halves = [partition(w, trainable_mask(w, lcfg)) for w in wrapped]
         owns, shared = sweep._split_frozen([f for _, f in halves], [str(i) for i in range(k)])
-        tx = lj_train.make_optimizer(lj_train.TrainConfig(lr=1.0), 10_000)
+        tx = objective.make_optimizer(lj_train.TrainConfig(lr=1.0), 10_000)
         trainable, mask = sweep.stack_padded([t for t, _ in halves])
         opt_state, _ = sweep.stack_padded([tx.init(t) for t, _ in halves])
         own, _ = sweep.stack_padded(owns)

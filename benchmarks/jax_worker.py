@@ -1,6 +1,6 @@
 """One lora_jax measurement per process: the matmul peak, a training step (LoRA or full), or inference latency.
 
-The training step is lora_jax.train's own: `make_steps`, `make_optimizer`, `methods.trainable_mask`, `partition`,
+The training step is lora_jax.train's own: `make_steps`, `objective.make_optimizer`, `methods.trainable_mask`,
 jitted over the same one-axis mesh with the same output shardings and the same donation as `train()`.
 """
 

@@ -37,7 +37,7 @@ from lora_jax.analysis import (
     mean_over_layers,
     random_gaussian_control,
 )
-from lora_jax.experiment import model_folder, register_resolvers
+from lora_jax.config import model_folder, register_resolvers
 from lora_jax.tree import leaf_paths, matches_module
 
 register_resolvers()  # old runs' config.yaml may name the model as ${package_model:...}

@@ -26,17 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_jax import causal_lm
 from lora_jax.adapters import load_adapter
+from lora_jax.config import decode_config, model_folder, model_name, register_resolvers, store_schemas
 from lora_jax.data import e2e
 from lora_jax.data.batching import eval_batches
-from lora_jax.experiment import (
-    CAUSAL_TASKS,
-    decode_config,
-    git_commit,
-    model_folder,
-    model_name,
-    register_resolvers,
-    store_schemas,
-)
+from lora_jax.experiment import CAUSAL_TASKS, git_commit
 from lora_jax.models.hub import from_pretrained
 
 register_resolvers()

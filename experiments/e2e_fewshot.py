@@ -21,15 +21,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lora_jax import causal_lm
-from lora_jax.experiment import (
-    CAUSAL_TASKS,
-    decode_config,
-    git_commit,
-    model_folder,
-    model_name,
-    register_resolvers,
-    store_schemas,
-)
+from lora_jax.config import decode_config, model_folder, model_name, register_resolvers, store_schemas
+from lora_jax.experiment import CAUSAL_TASKS, git_commit
 from lora_jax.models.hub import from_pretrained
 
 register_resolvers()

@@ -20,9 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_jax import causal_lm
-from lora_jax.data import e2e
-from lora_jax.data.batching import epoch_batches, eval_batches
-from lora_jax.experiment import (
+from lora_jax.config import (
     decode_config,
     lora_config_for,
     model_folder,
@@ -30,6 +28,8 @@ from lora_jax.experiment import (
     store_schemas,
     train_config,
 )
+from lora_jax.data import e2e
+from lora_jax.data.batching import epoch_batches, eval_batches
 from lora_jax.lora import lora_wrap
 from lora_jax.models.hub import from_pretrained
 from lora_jax.models.spec import family_of

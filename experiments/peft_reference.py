@@ -5,7 +5,7 @@
 Same conf/ tree and command line as run.py. Shared with it, so the runs differ only in the model code: the rows
 and tokens (load_glue, tokenize), the batch order (epoch_batches with the same seed and epoch), the loss over
 real rows only, and the metrics. The optimizer and schedule are torch's and transformers' own (AdamW,
-get_linear_schedule_with_warmup), set up to equal lora_jax.train's: decay only on >= 2-D params, linear warmup
+get_linear_schedule_with_warmup), set up to equal lora_jax.objective's: decay only on >= 2-D params, linear warmup
 over int(warmup_ratio * steps) then linear decay to 0. What stays different is what is meant to be seed noise:
 the random init of LoRA A and of a fresh head, and the dropout masks.
 
@@ -30,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from run import best_or_exit  # importing run also registers the config schema and resolvers
 from tqdm.auto import tqdm
 
+from lora_jax.config import lora_config_for, model_folder, model_name, train_config
 from lora_jax.data import ClassificationTask, get_task, glue_metrics, load_glue, predictions_from_logits, tokenize
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
-from lora_jax.experiment import git_commit, lora_config_for, model_folder, model_name, train_config
+from lora_jax.experiment import git_commit
 from lora_jax.logging import JsonlLogger
 from lora_jax.lora import LoraConfig
 from lora_jax.models.hub import load_tokenizer, resolve
@@ -123,7 +124,7 @@ def count_params(model: Any) -> tuple[int, int]:
 
 
 def make_optimizer(model: Any, cfg: DictConfig, total_steps: int) -> tuple[Any, Any]:
-    """AdamW + linear warmup/decay, equal to lora_jax.train.make_optimizer (optax's defaults are torch's)."""
+    """AdamW + linear warmup/decay, equal to lora_jax.objective.make_optimizer (optax's defaults are torch's)."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 

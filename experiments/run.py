@@ -8,7 +8,8 @@
 
 Writes results/<exp>/<task>/<run>/: config.yaml (resolved), metrics.jsonl (per epoch), train.jsonl (loss, lr),
 summary.json, checkpoints/{latest,best}, adapter/ (and peft/, merged/). Running the same command again resumes.
-The config's schema, resolvers and the run itself live in lora_jax.experiment; this file is the Hydra entry point.
+The config's schema and resolvers live in lora_jax.config, the run itself in lora_jax.experiment; this file is
+the Hydra entry point.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lora_jax.experiment import register_resolvers, run, store_schemas
+from lora_jax.config import register_resolvers, store_schemas
+from lora_jax.experiment import run
 from lora_jax.lora import LoraError
 from lora_jax.train import TrainingDiverged
 

@@ -37,8 +37,8 @@ sys.path.insert(0, str(EXPERIMENTS))  # run.py and search_space.py sit beside th
 
 from search_space import parse_search_space, ray_tune_space  # noqa: E402
 
+from lora_jax.config import store_schemas  # noqa: E402
 from lora_jax.data import task_from_config  # noqa: E402
-from lora_jax.experiment import store_schemas  # noqa: E402
 
 store_schemas(ConfigStore.instance())  # the run config's schema, as run.py registers it
 

@@ -4,7 +4,7 @@ Nothing here loops or checkpoints: `lora_jax.train.train` does, as for GLUE. Thi
 run feeds it:
 
   training rows   `e2e.tokenize_causal` rows with `labels[t]` = the token at t + 1 where that token is part of the
-                  completion, else -100, so `train.batch_loss`'s token branch is the completion-only loss
+                  completion, else -100, so `objective.batch_loss`'s token branch is the completion-only loss
                   (label-smoothed by optim.label_smoothing); rows are length-bucketed (`e2e.length_buckets`).
   evaluation      each distinct MR of the split once (`e2e.group_by_mr`) as a prompt; `EvalSpec.generate` beam-decodes
                   a batch of them under jit with a KV cache (`lora_jax.models.generate`, settings from
@@ -154,7 +154,7 @@ def e2e_datasets(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], EvalSpec, tuple[int, ...]]:
     """(train set, {split: prompts}, EvalSpec, training buckets) for `train.train`.
 
-    `data` keys: dir, max_len, bucket_step, train_examples, subset_seed (as lora_jax.experiment.DataSchema has them).
+    `data` keys: dir, max_len, bucket_step, train_examples, subset_seed (as lora_jax.config.DataSchema has them).
     """
     split = train_subset(e2e.load_e2e("train", data.get("dir")), data.get("train_examples"), data.get("subset_seed", 0))
     train_set = causal_rows(split, tokenizer, data.get("max_len") or 512)
@@ -163,7 +163,7 @@ def e2e_datasets(
     eos = e2e.end_of_text_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     spec = EvalSpec(
-        num_labels=0,  # unused: the labels are tokens (train.batch_loss's token branch)
+        num_labels=0,  # unused: the labels are tokens (objective.batch_loss's token branch)
         metrics=scorer(grouped, tokenizer, decode.samples), main_metric=MAIN_METRIC,
         generate=decoder(decode, [eos], pad),
     )  # fmt: skip

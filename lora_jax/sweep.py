@@ -36,19 +36,17 @@ from lora_jax.export import Export, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
 from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf
 from lora_jax.methods import count_params, partition, trainable_mask, unpartition
+from lora_jax.objective import linear_schedule, make_loss, make_optimizer
 from lora_jax.sharding import make_mesh
 from lora_jax.train import (
     EvalSpec,
     Prepared,
+    RunBook,
     TrainConfig,
     TrainState,
-    _best_params,
-    _eval_and_checkpoint,
-    _Run,
-    _tokens,
-    linear_schedule,
-    make_loss,
-    make_optimizer,
+    batch_tokens,
+    best_params,
+    eval_and_checkpoint,
     make_steps,
 )
 from lora_jax.tree import Params, leaf_paths, map_with_path
@@ -195,7 +193,7 @@ def _step_groups(dataset, batch_size: int, seeds: Sequence[int], epoch: int, ski
         widths = [bucket_length(int(lengths[i].max()), buckets) for i in indices]
         groups = sorted(set(widths)) if by_width else [max(widths)]
         tokens = [
-            _tokens(take(dataset, i, rows, (w if by_width else groups[0],)))
+            batch_tokens(take(dataset, i, rows, (w if by_width else groups[0],)))
             for i, w in zip(indices, widths, strict=True)
         ]  # (real, slots) at the width the run trains at
         steps = []
@@ -253,7 +251,7 @@ def train_packed(
             saved, meta = restored
             trainable, opt_state = saved["trainable"], saved["opt_state"]
         logger = Loggers(JsonlLogger(run.out_dir, resume_step=meta["step"]), *run.loggers)
-        books.append(_Run(Path(run.out_dir), checkpoints, logger, meta, started - meta["wall_time"]))
+        books.append(RunBook(Path(run.out_dir), checkpoints, logger, meta, started - meta["wall_time"]))
         states.append((trainable, opt_state))
     at = {str(b.out_dir): b.meta["step"] for b in books}
     if len(set(at.values())) > 1:
@@ -324,7 +322,7 @@ def train_packed(
         for k, (book, run) in enumerate(zip(books, runs, strict=True)):
             book.meta["step_time"] += spent
             prepared, view = run_view(k)
-            record = _eval_and_checkpoint(book, prepared, view, eval_sets, spec, run.config, mesh, step, epoch)
+            record = eval_and_checkpoint(book, prepared, view, eval_sets, spec, run.config, mesh, step, epoch)
             bar.write(f"{run.out_dir.name} epoch {epoch}: " + ", ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "main")))  # fmt: skip
     bar.close()
@@ -348,7 +346,7 @@ def train_packed(
             "packed_with": [str(r.out_dir) for r in runs],
         }
         if book.meta["best"] is not None:
-            best = _best_params(book, prepared, view)
+            best = best_params(book, prepared, view)
             summary["exports"] = write_exports(run.out_dir, run.config.exports, best, run.lora_config, module,
                                                "lora", run.export or Export())  # fmt: skip
         book.logger.finish(summary)

@@ -1,6 +1,7 @@
 """The fine-tuning loop: one jitted step over a device mesh, eval each epoch, checkpoints, resume, exports.
 
-In parts: `TrainState` (what changes between steps), `make_steps` (the pure step), `_eval_and_checkpoint`, and the
+In parts: `TrainState` (what changes between steps), `make_steps` (the pure step over lora_jax.objective's loss
+and optimizer), `RunBook` (the host-side bookkeeping, shared with lora_jax.sweep), `eval_and_checkpoint`, and the
 finish (`export.write_exports`). The step's loss stays on the device; the host reads the queued losses back every
 `log_every` steps (and before any checkpoint, so none ever holds a diverged step), not after every step.
 
@@ -39,6 +40,7 @@ from lora_jax.export import Export, check_exports, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
 from lora_jax.lora import LoraConfig
 from lora_jax.methods import METHODS, count_params, partition, trainable_mask, unpartition
+from lora_jax.objective import linear_schedule, make_loss, make_optimizer, model_inputs
 from lora_jax.sharding import make_mesh, place_batch, shardings_for, sync_processes
 
 Params = Any
@@ -51,7 +53,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to train. The Hydra schema of `optim` is generated from these fields (lora_jax.experiment), so these
+    """How to train. The Hydra schema of `optim` is generated from these fields (lora_jax.config), so these
     defaults are the command line's; `method`, `seed`, `progress` and `exports` are top-level run keys there."""
 
     method: Literal[
@@ -114,73 +116,8 @@ class EvalSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure pieces: what trains, the optimizer, the loss, the steps
+# Pure pieces: the steps (the loss and the optimizer: lora_jax.objective)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def linear_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup over `warmup_steps` (else `warmup_ratio` of the steps), then linear decay to zero (the paper's
-    schedule)."""
-    warmup = int(config.warmup_ratio * total_steps) if config.warmup_steps is None else config.warmup_steps
-    warmup = min(warmup, total_steps)
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
-            optax.linear_schedule(config.lr, 0.0, max(total_steps - warmup, 1)),
-        ],
-        [warmup],
-    )
-
-
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (no decay on biases and norms), optional clipping, gradient accumulation over micro-batches."""
-    decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity(),
-        optax.adamw(linear_schedule(config, total_steps), weight_decay=config.weight_decay, mask=decay_mask),
-    )
-    return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
-
-
-def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """Cross-entropy against `optax.smooth_labels(one_hot(labels), smoothing)`: (1 - s) * nll + s * mean over
-    classes of -log p, with -log p = logsumexp - logit.
-
-    The label's logit is picked by comparing labels with the class index inside one reduction, not gathered:
-    the gradient of a gather is a scatter into a zeroed (tokens, vocab) array, where this one's is an elementwise
-    select that fuses with softmax's; on a 49k vocabulary it halves the loss's share of a step on CPU."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    hit = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
-    nll = lse - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    return nll if not smoothing else (1.0 - smoothing) * nll + smoothing * (lse - jnp.mean(logits, axis=-1))
-
-
-def batch_loss(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array, num_labels: int, label_smoothing: float = 0.0
-) -> jax.Array:
-    """Weighted mean cross-entropy (label-smoothed), or squared error for regression; filler rows have weight 0.
-
-    Labels of shape (batch, length) are target tokens (seq2seq, and causal LMs whose labels are the next tokens,
-    lora_jax.causal_lm): cross-entropy averaged over the real target tokens of the batch, positions labelled -100
-    skipped, as transformers' seq2seq models compute it.
-    """
-    logits = logits.astype(jnp.float32)
-    if labels.ndim == 2:
-        real = (labels != -100) * weights[:, None]
-        per_token = smoothed_cross_entropy(logits, jnp.maximum(labels, 0).astype(jnp.int32), label_smoothing)
-        return jnp.sum(per_token * real) / jnp.maximum(jnp.sum(real), 1.0)
-    if num_labels == 1:
-        per_example = jnp.square(logits[:, 0] - labels.astype(jnp.float32))
-    else:
-        per_example = smoothed_cross_entropy(logits, labels.astype(jnp.int32), label_smoothing)
-    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids", "decoder_attention_mask")
-
-
-def _model_inputs(batch: Batch) -> dict[str, Any]:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 @struct.dataclass
@@ -190,18 +127,6 @@ class TrainState:
     trainable: Any
     opt_state: Any
     step: jax.Array  # int32; dropout masks are fold_in(seed, step)
-
-
-def make_loss(module: nn.Module, num_labels: int, label_smoothing: float = 0.0) -> Callable[..., jax.Array]:
-    """loss(trainable, frozen, batch, dropout_key): the training loss of one step (shared with lora_jax.sweep)."""
-
-    def loss_fn(trainable, frozen, batch, dropout_key):
-        params = unpartition(trainable, frozen)
-        rngs = {"dropout": dropout_key}
-        out = module.apply({"params": params}, **_model_inputs(batch), deterministic=False, rngs=rngs)
-        return batch_loss(out["logits"], batch["labels"], batch["weights"], num_labels, label_smoothing)
-
-    return loss_fn
 
 
 def make_steps(
@@ -229,7 +154,7 @@ def make_steps(
         params = unpartition(trainable, frozen)
         if generate is not None:
             return generate(module, params, batch)
-        out = module.apply({"params": params}, **_model_inputs(batch), deterministic=True)
+        out = module.apply({"params": params}, **model_inputs(batch), deterministic=True)
         return out["logits"].astype(jnp.float32)
 
     return train_step, eval_step
@@ -280,7 +205,7 @@ def prepare(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tokens(batch: Batch) -> tuple[int, int]:
+def batch_tokens(batch: Batch) -> tuple[int, int]:
     """(real tokens, token slots) of a batch: the slots a filler row or a padded position takes count too."""
     masks = [batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in batch]
     return int(sum(np.sum(m * batch["weights"][:, None]) for m in masks)), int(sum(m.size for m in masks))
@@ -304,7 +229,7 @@ def evaluate(eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: 
 
 
 @dataclasses.dataclass
-class _Run:
+class RunBook:
     """The loop's host-side bookkeeping: what resumes with the run (`meta`), and losses not yet read back."""
 
     out_dir: Path
@@ -340,7 +265,7 @@ class _Run:
         self.checkpoints.save_latest(step, {"trainable": state.trainable, "opt_state": state.opt_state}, self.meta)
 
 
-def _eval_and_checkpoint(run: _Run, prepared: Prepared, state: TrainState, eval_sets, spec: EvalSpec,
+def eval_and_checkpoint(run: RunBook, prepared: Prepared, state: TrainState, eval_sets, spec: EvalSpec,
                          config: TrainConfig, mesh: Mesh, step: int, epoch: int) -> dict[str, Any]:  # fmt: skip
     """Score every eval set, keep the best trainable half, and save `latest` (after the eval, so a resumed run
     never evaluates an epoch twice)."""
@@ -367,7 +292,7 @@ def _eval_and_checkpoint(run: _Run, prepared: Prepared, state: TrainState, eval_
     return record
 
 
-def _best_params(run: _Run, prepared: Prepared, state: TrainState) -> Any:
+def best_params(run: RunBook, prepared: Prepared, state: TrainState) -> Any:
     """The best epoch's trainable half with the frozen half: on the devices, nothing copied to the host."""
     return unpartition(run.checkpoints.restore_best(state.trainable), prepared.frozen)
 
@@ -418,7 +343,7 @@ def train(
         print(f"resuming {out_dir} from step {meta['step']} (epoch {meta['epoch']})")
     main_process = jax.process_index() == 0
     logger = Loggers(JsonlLogger(out_dir, resume_step=meta["step"]), *loggers) if main_process else Loggers()
-    run = _Run(out_dir, checkpoints, logger, meta, time.perf_counter() - meta["wall_time"])
+    run = RunBook(out_dir, checkpoints, logger, meta, time.perf_counter() - meta["wall_time"])
 
     step = meta["step"]
     stopped_early = False
@@ -433,7 +358,7 @@ def train(
             state, loss = prepared.train_step(state, prepared.frozen, place_batch(batch, mesh))
             step += 1
             run.pending.append((step, epoch, loss))
-            tokens, slots = _tokens(batch)
+            tokens, slots = batch_tokens(batch)
             meta["tokens"] += tokens
             meta["slots"] = meta.get("slots", 0) + slots
             bar.update()
@@ -449,7 +374,7 @@ def train(
             if step >= total:
                 break
         meta["step_time"] += time.perf_counter() - tick
-        record = _eval_and_checkpoint(run, prepared, state, eval_sets, spec, config, mesh, step, epoch)
+        record = eval_and_checkpoint(run, prepared, state, eval_sets, spec, config, mesh, step, epoch)
         bar.write(f"epoch {epoch}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "main")))  # fmt: skip
         if on_epoch is not None and on_epoch(epoch, record["main"], meta["history"][-1]):
@@ -473,7 +398,7 @@ def train(
         "padding_fraction": 1.0 - meta["tokens"] / meta["slots"] if meta.get("slots") else None,
     }
     if meta["best"] is not None:
-        best = _best_params(run, prepared, state)
+        best = best_params(run, prepared, state)
         summary["exports"] = write_exports(out_dir, config.exports, best, lora_config, module, config.method,
                                            export or Export())  # fmt: skip
     logger.finish(summary)

@@ -55,9 +55,10 @@ from hydra import compose, initialize_config_dir
 import lora_jax
 from lora_jax import bank as lb
 from lora_jax.combination import combine_adapters
+from lora_jax.config import model_folder
 from lora_jax.data import glue_metrics, load_split, predictions_from_logits, task_from_config, tokenize
 from lora_jax.data.batching import eval_batches
-from lora_jax.experiment import model_folder, run
+from lora_jax.experiment import run
 from lora_jax.lora import merge, strip_lora
 from lora_jax.models.hub import from_pretrained
 from lora_jax.tree import combine

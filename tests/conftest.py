@@ -11,7 +11,7 @@ def pytest_configure(config) -> None:
     """Tests compose conf/ with Hydra's compose API: give it the config schema, as experiments/run.py does."""
     from hydra.core.config_store import ConfigStore
 
-    from lora_jax.experiment import register_resolvers, store_schemas
+    from lora_jax.config import register_resolvers, store_schemas
 
     register_resolvers()
     store_schemas(ConfigStore.instance())

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import flops, report
 from benchmarks.common import random_batch
+from lora_jax import objective
 from lora_jax import train as lj_train
 from lora_jax.lora import lora_wrap
 from lora_jax.methods import partition, trainable_mask
@@ -38,7 +39,7 @@ def _step_jaxpr(shape: flops.Shape, batch: int, seq: int, method: str, rank: int
         lcfg = hub.lora_config("roberta", flops.LORA_MODULES, r=rank, alpha=rank, train_also=("classifier",))
         params = lora_wrap(params, lcfg, jax.random.key(1))
     trainable, frozen = partition(params, trainable_mask(params, lcfg, method))
-    tx = lj_train.make_optimizer(lj_train.TrainConfig(method=method), 10)
+    tx = objective.make_optimizer(lj_train.TrainConfig(method=method), 10)
     step, _ = lj_train.make_steps(module, tx, shape.num_labels, seed=0)
     state = lj_train.TrainState(trainable, tx.init(trainable), jnp.int32(0))
     return jax.make_jaxpr(step)(state, frozen, data)

@@ -19,7 +19,8 @@ from lora_jax.data.nlg_metrics import METRICS
 from lora_jax.logging import read_jsonl
 from lora_jax.lora import lora_wrap
 from lora_jax.models import hub
-from lora_jax.train import TrainConfig, batch_loss, smoothed_cross_entropy, train
+from lora_jax.objective import batch_loss, smoothed_cross_entropy
+from lora_jax.train import TrainConfig, train
 from lora_jax.tree import leaf_paths
 from tests.test_e2e_data import tokenizer  # noqa: F401  (the GPT-2 tokenizer fixture; skips without it)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lora_jax.experiment import RUN_LEVEL, lora_config_for, model_name, train_config
+from lora_jax.config import RUN_LEVEL, lora_config_for, model_name, train_config
 from lora_jax.lora import LoraConfig
 from lora_jax.train import TrainConfig
 
@@ -148,7 +148,8 @@ def test_glue_smollm2_composes_to_a_quantized_decoder_classifier(monkeypatch):
 
 
 def test_a_package_holding_a_gguf_is_its_folder_and_is_never_imported(tmp_path, monkeypatch):
-    from lora_jax.experiment import is_encoder_decoder, model_folder
+    from lora_jax.config import model_folder
+    from lora_jax.experiment import is_encoder_decoder
 
     package = tmp_path / "gguf_only_pkg"
     package.mkdir()

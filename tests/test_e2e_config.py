@@ -12,7 +12,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lora_jax.experiment import decode_config, lora_config_for, train_config
+from lora_jax.config import decode_config, lora_config_for, train_config
 from lora_jax.lora import lora_wrap
 from lora_jax.methods import count_params
 from lora_jax.models import gpt2, spec

@@ -365,7 +365,8 @@ def test_run_py_trains_a_decoder_classifier_over_the_files_kept_blocks(tmp_path,
 
     from lora_jax import quant
     from lora_jax import train as lj_train
-    from lora_jax.experiment import register_resolvers, run, store_schemas
+    from lora_jax.config import register_resolvers, store_schemas
+    from lora_jax.experiment import run
     from tests.conftest import write_tiny_mrpc
 
     register_resolvers()

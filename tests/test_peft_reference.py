@@ -22,7 +22,8 @@ from lora_jax.logging import read_jsonl
 from lora_jax.lora import lora_wrap
 from lora_jax.methods import count_params, trainable_mask
 from lora_jax.models.hub import from_pretrained, lora_config
-from lora_jax.train import TrainConfig, linear_schedule
+from lora_jax.objective import linear_schedule
+from lora_jax.train import TrainConfig
 from lora_jax.tree import leaf_paths
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 

@@ -16,8 +16,9 @@ from lora_jax.export import check_exports
 from lora_jax.lora import LoraConfig, LoraError
 from lora_jax.methods import partition, trainable_mask
 from lora_jax.models import bert, deberta, distilbert, gpt2, llama, t5
+from lora_jax.objective import make_optimizer
 from lora_jax.prefix import PrefixConfig, PrefixError, prefix_param_count, prefix_wrap, special_counts
-from lora_jax.train import TrainConfig, TrainState, make_optimizer, make_steps
+from lora_jax.train import TrainConfig, TrainState, make_steps
 from lora_jax.tree import leaf_paths, map_with_path
 
 V = 60  # every tiny model's vocabulary: special ids are 60, 61, ...

@@ -15,7 +15,7 @@ from lora_jax.data.seq2seq import IGNORE, read_labels, text_to_text_metrics, tok
 from lora_jax.logging import read_jsonl
 from lora_jax.lora import LoraConfig, lora_wrap
 from lora_jax.models import hub, t5
-from lora_jax.train import batch_loss
+from lora_jax.objective import batch_loss
 from tests.conftest import write_tiny_mrpc
 from tests.test_hub import perturb_lora_b
 from tests.test_run import finish, run_py

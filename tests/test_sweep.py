@@ -104,7 +104,7 @@ def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeyp
     # Killed right after every run's periodic save at step 4: the sweep resumes there and ends where an
     # uninterrupted one does. (optim.max_steps=4 is no kill: it sets a 4-step lr schedule and evaluates at step 4.)
     whole = run_packed(configs(tiny_bert, tiny_glue, tmp_path / "whole", "optim.epochs=1"))
-    save, saved = train._Run.save_latest, []
+    save, saved = train.RunBook.save_latest, []
 
     def save_then_die(self, state, step):
         save(self, state, step)
@@ -113,7 +113,7 @@ def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeyp
             raise Killed
 
     with monkeypatch.context() as patch, pytest.raises(Killed):
-        patch.setattr(train._Run, "save_latest", save_then_die)
+        patch.setattr(train.RunBook, "save_latest", save_then_die)
         run_packed(configs(tiny_bert, tiny_glue, tmp_path / "cut", "optim.epochs=1"))
     for folder in folders(tmp_path / "cut").values():
         assert [p.name for p in (folder / "checkpoints" / "latest").iterdir() if p.name.isdigit()] == ["4"]
@@ -132,7 +132,8 @@ def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeyp
 def test_padded_rank_slots_stay_exactly_zero_with_dropout(tiny_bert):
     """The packed step on runs of ranks 2 and 5 (LoRA dropout on): padding gets no gradient and no update."""
     from lora_jax.models.hub import from_pretrained
-    from lora_jax.train import TrainConfig, TrainState, make_optimizer
+    from lora_jax.objective import make_optimizer
+    from lora_jax.train import TrainConfig, TrainState
 
     module, params, _, _ = from_pretrained(tiny_bert, task="sequence-classification", num_labels=2)
     runs = [LoraConfig(r=2, alpha=4, dropout=0.2, targets=("query", "value")),

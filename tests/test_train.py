@@ -47,13 +47,13 @@ def test_max_steps_and_an_epoch_end_on_save_steps_finish_cleanly(tiny_bert, tiny
     from lora_jax.experiment import run
 
     reads = []
-    original = train_module._Run.read_losses
+    original = train_module.RunBook.read_losses
 
     def counting(self, schedule, config):
         reads.append(len(self.pending))
         original(self, schedule, config)
 
-    monkeypatch.setattr(train_module._Run, "read_losses", counting)
+    monkeypatch.setattr(train_module.RunBook, "read_losses", counting)
     out = tmp_path / "run"
     summary = run(run_config(tiny_bert, tiny_glue, out, "optim.epochs=3", "optim.max_steps=9",
                              "optim.save_every_steps=3", "optim.log_every=3"))  # fmt: skip

@@ -47,7 +47,8 @@ class PackedLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from lora_jax.experiment import register_resolvers, run_packed
+        from lora_jax.config import register_resolvers
+        from lora_jax.experiment import run_packed
 
         setup_globals()
         register_resolvers()
