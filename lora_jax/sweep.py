@@ -1,12 +1,12 @@
 """A sweep of K LoRA runs of one task trained as one program: the same per-run folders as K separate `train` calls.
 
-The runs may differ in seed (LoRA init, head init, batch order, dropout), learning rate, rank and alpha; all else
-is one TrainConfig. Each run's trainable half (LoRA A/B and the head it trains) is zero-padded to the largest
-rank and stacked on a leading K axis, with a 0/1 mask over the padding; the frozen base is held once. One jitted
-step vmaps train.py's loss and optimizer over K, so every matmul of the base reads its weights once for all K
-runs. A padded slot gets a zero gradient and a masked update, so it stays exactly zero and the real slots follow
-a separate run's arithmetic: the optimizer runs with a peak rate of 1 and each run's update is scaled by its own
-rate, which equals the run's own schedule up to float rounding.
+The runs may differ in seed (LoRA init, head init, batch order, dropout), learning rate, rank and alpha; all else is
+one TrainConfig. Each run's trainable half (LoRA A/B and the head it trains) is zero-padded to the largest rank and
+stacked on a leading K axis, with a 0/1 mask over the padding; the frozen base is held once. One jitted step vmaps
+`lora_jax.packed.masked_update` (over lora_jax.objective's loss and optimizer) across K, so every matmul of the base
+reads its weights once for all K runs. A padded slot gets a zero gradient and a masked update, so it stays exactly
+zero and the real slots follow a separate run's arithmetic: the optimizer runs with a peak rate of 1 and each run's
+update is scaled by its own rate, which equals the run's own schedule up to float rounding.
 
 Everything a separate run writes is written per run, by the same code: checkpoints hold each run's own
 (unpadded) trainable half and optimizer state, so a packed sweep resumes from them, and each folder's
@@ -37,6 +37,7 @@ from lora_jax.logging import JsonlLogger, Logger, Loggers
 from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf
 from lora_jax.methods import count_params, partition, trainable_mask, unpartition
 from lora_jax.objective import linear_schedule, make_loss, make_optimizer
+from lora_jax.packed import masked_update
 from lora_jax.sharding import make_mesh
 from lora_jax.train import (
     EvalSpec,
@@ -106,20 +107,17 @@ def packed_train_step(module: nn.Module, tx: optax.GradientTransformation, num_l
     """
     loss_fn = make_loss(module, num_labels)
 
-    def one(trainable, opt_state, own, batch, seed, lr, mask, active, shared, step):
+    def loss_of(trainable, own, shared, batch, seed, step):
         key = jax.random.fold_in(jax.random.key(seed), step)  # what a separate run of this seed draws
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, unpartition(own, shared), batch, key)
-        grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, mask)
-        updates, new_opt_state = tx.update(grads, opt_state, trainable)
-        updates = jax.tree.map(lambda u, m: u * (m * lr).astype(u.dtype), updates, mask)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)  # noqa: E731
-        return keep(optax.apply_updates(trainable, updates), trainable), keep(new_opt_state, opt_state), loss
+        return loss_fn(trainable, unpartition(own, shared), batch, key)
+
+    update = masked_update(loss_of, tx)
 
     def step(state: TrainState, own, shared, batches, seeds, lrs, mask, active=None) -> tuple[TrainState, jax.Array]:
         active = jnp.ones(seeds.shape, bool) if active is None else active
-        vmapped = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None, None))
+        vmapped = jax.vmap(update, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0, None))
         trainable, opt_state, losses = vmapped(
-            state.trainable, state.opt_state, own, batches, seeds, lrs, mask, active, shared, state.step
+            state.trainable, state.opt_state, mask, lrs, active, own, shared, batches, seeds, state.step
         )
         return TrainState(trainable, opt_state, state.step + 1), losses
 
