@@ -186,7 +186,7 @@ def test_cached_decoding_matches_the_full_forward():
     run = jax.jit(lambda x, cache, index: module.apply({"params": params}, x, ones, cache=cache, cache_index=index))
     out = run(ids[:, :4], llama.init_cache(config, 2, 7), 0)
     # grouped-query attention caches the kv heads only
-    assert out["cache"][0]["k"].shape == (2, 7, config.num_key_value_heads, config.head_dim)
+    assert out["cache"][0]["k"].shape == (2, config.num_key_value_heads, 7, config.head_dim)
     steps = [out["logits"]]
     for t in range(4, 7):
         out = run(ids[:, t : t + 1], out["cache"], t)

@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    Layers,
+    attend,
+    attention_scores,
+    dense,
+    heads_first,
+    layer_norm,
+    masked_softmax,
+)
 from lora_jax.models.spec import FamilySpec, ModelConfig
 from lora_jax.prefix import Embed
 
@@ -130,8 +139,8 @@ class SelfAttention(nn.Module):
         heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)  # (b, t, h, d)
         q = split(_dense(c, c.hidden_size, "query")(x, deterministic))
-        k = split(_dense(c, c.hidden_size, "key")(x, deterministic))
-        v = split(_dense(c, c.hidden_size, "value")(x, deterministic))
+        k = heads_first(split(_dense(c, c.hidden_size, "key")(x, deterministic)))
+        v = heads_first(split(_dense(c, c.hidden_size, "value")(x, deterministic)))
         scores = attention_scores(q, k) / math.sqrt(head_dim)
         probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)

@@ -143,34 +143,39 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
+def heads_first(x: jax.Array) -> jax.Array:
+    """(batch, length, heads, head_dim) -> (batch, heads, length, head_dim): the layout keys and values are kept in
+    (and the KV cache holds), so attention's batched matmuls read them without a transpose."""
+    return x.swapaxes(1, 2)
+
+
 def attention_scores(q: jax.Array, k: jax.Array, preferred_element_type: Any = jnp.float32) -> jax.Array:
-    """Per-head q.k for q (batch, length, heads, head_dim), k (batch, length, kv_heads, head_dim) -> (batch,
-    heads, q_len, k_len).
+    """Per-head q.k for q (batch, q_len, heads, head_dim) and head-major k (batch, kv_heads, k_len, head_dim) ->
+    (batch, heads, q_len, k_len).
 
     kv_heads < heads is grouped-query attention (Ainslie et al. 2023): query head i reads key head
     i // (heads / kv_heads), as transformers' repeat_kv, without materialising the repeated keys.
     Computed on head-major operands: XLA:CPU's batched matmul runs 2-3x faster on (b, h, t, d) than on (b, t, h, d)
-    (RoBERTa-base 8x128, one layer's attention forward + backward 14.5 -> 11 ms)."""
-    heads, kv_heads = q.shape[2], k.shape[2]
+    (RoBERTa-base 8x128, one layer's attention forward + backward 14.5 -> 11 ms). Keys come head-major
+    (`heads_first`) so that a decoding step does not transpose the whole KV cache of every layer to read it."""
+    heads, kv_heads = q.shape[2], k.shape[1]
     if heads == kv_heads:
-        return jnp.einsum(
-            "bhqd,bhkd->bhqk", q.swapaxes(1, 2), k.swapaxes(1, 2), preferred_element_type=preferred_element_type
-        )
+        return jnp.einsum("bhqd,bhkd->bhqk", q.swapaxes(1, 2), k, preferred_element_type=preferred_element_type)
     batch, length, _, dim = q.shape
     grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", grouped, k.swapaxes(1, 2), preferred_element_type=preferred_element_type)
-    return scores.reshape(batch, heads, length, k.shape[1])
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", grouped, k, preferred_element_type=preferred_element_type)
+    return scores.reshape(batch, heads, length, k.shape[2])
 
 
 def attend(probs: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention weights (batch, heads, q_len, k_len) applied to values (batch, k_len, kv_heads, head_dim) ->
-    (batch, q_len, heads, head_dim), head-major and grouped as `attention_scores`."""
+    """Attention weights (batch, heads, q_len, k_len) applied to head-major values (batch, kv_heads, k_len,
+    head_dim) -> (batch, q_len, heads, head_dim), grouped as `attention_scores`."""
     batch, heads, length, keys = probs.shape
-    kv_heads = v.shape[2]
+    kv_heads = v.shape[1]
     if heads == kv_heads:
-        return jnp.einsum("bhqk,bhkd->bhqd", probs, v.swapaxes(1, 2)).swapaxes(1, 2)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, v).swapaxes(1, 2)
     grouped = probs.reshape(batch, kv_heads, heads // kv_heads, length, keys)
-    out = jnp.einsum("bhgqk,bhkd->bhgqd", grouped, v.swapaxes(1, 2))
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", grouped, v)
     return out.reshape(batch, heads, length, v.shape[-1]).swapaxes(1, 2)
 
 
@@ -240,15 +245,17 @@ def family_init_cache(module: nn.Module, batch: int, max_length: int) -> list:
 
 
 def empty_cache(layers: int, batch: int, max_length: int, heads: int, head_dim: int, dtype: Any) -> list:
-    """One {"k", "v"} pair of (batch, max_length, heads, head_dim) zeros per layer, in the compute dtype."""
-    zeros = jnp.zeros((batch, max_length, heads, head_dim), jnp.dtype(dtype))
+    """One {"k", "v"} pair of head-major (batch, heads, max_length, head_dim) zeros per layer, in the compute
+    dtype."""
+    zeros = jnp.zeros((batch, heads, max_length, head_dim), jnp.dtype(dtype))
     return [{"k": zeros, "v": zeros} for _ in range(layers)]
 
 
 def write_cache(kv: dict, k: jax.Array, v: jax.Array, index: jax.Array | int) -> dict:
-    """`kv` with this call's keys/values written at slots index..; attention then reads the whole cache."""
-    k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), index, axis=1)
+    """`kv` with this call's head-major keys/values (batch, heads, length, head_dim) written at slots index..;
+    attention then reads the whole cache."""
+    k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), index, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), index, axis=2)
     return {**kv, "k": k, "v": v}
 
 
@@ -261,7 +268,7 @@ def causal_cache_mask(
     (batch, keys) allows. With a cache, keys are all its slots and `key_mask` must cover them.
     """
     batch, length = shape
-    keys = length if cache is None else cache[0]["k"].shape[1]
+    keys = length if cache is None else cache[0]["k"].shape[2]
     key_mask = jnp.ones((batch, keys), bool) if key_mask is None else key_mask.astype(bool)
     if key_mask.shape != (batch, keys):
         raise ValueError(

@@ -25,6 +25,7 @@ from lora_jax.models.common import (
     attend,
     attention_scores,
     dense,
+    heads_first,
     layer_norm,
     masked_softmax,
     maybe_remat,
@@ -171,7 +172,7 @@ class DisentangledSelfAttention(nn.Module):
         v = split_heads(_dense(c, width, "value_proj")(x, deterministic))
 
         scale = jnp.sqrt(jnp.float32(c.head_dim * c.scale_factor)).astype(q.dtype)
-        scores = attention_scores(q, k / scale, preferred_element_type=None)
+        scores = attention_scores(q, heads_first(k) / scale, preferred_element_type=None)
 
         if c.relative_attention:
             span = c.attention_span
@@ -196,7 +197,7 @@ class DisentangledSelfAttention(nn.Module):
         # only masked keys and gets HF's uniform row.
         probs = masked_softmax(scores, mask[:, None, :, None] & mask[:, None, None, :], v.dtype)
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = attend(probs, v)
+        context = attend(probs, heads_first(v))
         return context.reshape(*context.shape[:-2], width)
 
 

@@ -26,7 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, Dropout, LayerNorm
-from lora_jax.models.common import ACTIVATIONS, Layers, attend, attention_scores, dense, layer_norm, masked_softmax
+from lora_jax.models.common import (
+    ACTIVATIONS,
+    Layers,
+    attend,
+    attention_scores,
+    dense,
+    heads_first,
+    layer_norm,
+    masked_softmax,
+)
 from lora_jax.models.spec import FamilySpec, ModelConfig
 from lora_jax.prefix import Embed
 
@@ -125,8 +134,8 @@ class MultiHeadSelfAttention(nn.Module):
         head_dim = c.dim // c.n_heads
         split = lambda t: t.reshape(*t.shape[:-1], c.n_heads, head_dim)  # (b, t, h, d)
         q = split(_dense(c, c.dim, "q_lin")(x, deterministic))
-        k = split(_dense(c, c.dim, "k_lin")(x, deterministic))
-        v = split(_dense(c, c.dim, "v_lin")(x, deterministic))
+        k = heads_first(split(_dense(c, c.dim, "k_lin")(x, deterministic)))
+        v = heads_first(split(_dense(c, c.dim, "v_lin")(x, deterministic)))
         scores = attention_scores(q, k) / math.sqrt(head_dim)
         probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
         probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)

@@ -33,6 +33,7 @@ from lora_jax.models.common import (
     causal_cache_mask,
     dense,
     empty_cache,
+    heads_first,
     last_token,
     layer_norm,
     masked_softmax,
@@ -117,6 +118,7 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         qkv = dense(cfg, 3 * cfg.n_embd, "c_attn", cfg.initializer_range)(x, deterministic)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        k, v = heads_first(k), heads_first(v)
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
             kv = write_cache(kv, k, v, cache_index)
             k, v = kv["k"], kv["v"]

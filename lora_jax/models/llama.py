@@ -34,6 +34,7 @@ from lora_jax.models.common import (
     causal_cache_mask,
     dense,
     empty_cache,
+    heads_first,
     last_token,
     masked_softmax,
     rms_norm,
@@ -171,8 +172,8 @@ class Attention(nn.Module):
 
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         q = apply_rope(project("q_proj", cfg.num_attention_heads), positions, inv_freq)
-        k = apply_rope(project("k_proj", cfg.num_key_value_heads), positions, inv_freq)
-        v = project("v_proj", cfg.num_key_value_heads)
+        k = heads_first(apply_rope(project("k_proj", cfg.num_key_value_heads), positions, inv_freq))
+        v = heads_first(project("v_proj", cfg.num_key_value_heads))
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
             kv = write_cache(kv, k, v, cache_index)
             k, v = kv["k"], kv["v"]

@@ -34,6 +34,7 @@ from lora_jax.models.common import (
     causal_cache_mask,
     dense,
     empty_cache,
+    heads_first,
     masked_softmax,
     maybe_remat,
     write_cache,
@@ -158,7 +159,7 @@ class Attention(nn.Module):
             k, v = kv["cross_k"], kv["cross_v"]
         else:
             source = x if source is None else source
-            k, v = split(key_proj(source, deterministic)), split(value_proj(source, deterministic))
+            k, v = (heads_first(split(p(source, deterministic))) for p in (key_proj, value_proj))
             if kv is not None and self.cross:
                 kv = {**kv, "cross_k": k, "cross_v": v}
             elif kv is not None:  # write this call's keys/values at slots cache_index.., attend over the cache
@@ -168,7 +169,7 @@ class Attention(nn.Module):
         # No 1/sqrt(d_kv): T5 folds it into q's init. Scores and softmax in float32 whatever the compute dtype.
         scores = attention_scores(q, k)
         if self.has_relative_bias:
-            relative = jnp.arange(k.shape[1])[None, :] - (cache_index + jnp.arange(x.shape[1]))[:, None]
+            relative = jnp.arange(k.shape[2])[None, :] - (cache_index + jnp.arange(x.shape[1]))[:, None]
             n = c.relative_attention_num_buckets
             buckets = relative_position_bucket(relative, not self.causal, n, c.relative_attention_max_distance)
             init = nn.initializers.normal(c.initializer_factor * c.d_model**-0.5)
