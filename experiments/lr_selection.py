@@ -1,13 +1,16 @@
-"""The GLUE fidelity protocol's first step (issue 19): every learning-rate grid point's dev metric on seed 0, and
-the learning rate it selects per task and method (the paper's rule: best epoch on dev).
+"""The GLUE fidelity protocol (issue 19): every learning-rate grid point's dev metric on seed 0, the learning rate
+it selects per task and method (the paper's rule: best epoch on dev), and the seeds run at that rate, with a
+computed verdict per task: is tuned LoRA within a point of tuned full fine-tuning?
 
-A run still training is shown with the epochs it has, so a partial grid reads as partial; it never selects.
+A run still training is shown with the epochs it has, so a partial grid reads as partial; it never selects and
+never counts as a seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,9 @@ from lora_jax.data import main_metric
 
 TITLES = {"mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "sst2": "SST-2"}
 METHODS = {"lora": "LoRA r=8 α=8 W_q,W_v", "full": "full FT"}
+GRID_VARIANT = {"lora": ("lora", 8, 8.0, ("q", "v")), "full": ("full",)}  # what the grid is run with, per method
+GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # results/glue_minilm_lrsel/COMMANDS.md
+WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,8 @@ class GridPoint:
     epochs: int  # epochs the run is configured for
     folder: Path
     finished: bool
+    seed: int = 0
+    variant: tuple = ()  # (method,) or ("lora", r, alpha, targets): which row of the tuned table it belongs to
 
     @property
     def best_epoch(self) -> int:
@@ -54,15 +62,27 @@ def read_grid(results_dir: Path, exp: str = "glue_minilm_lrsel") -> list[GridPoi
         points.append(GridPoint(
             task=cfg["task"], method=cfg["method"], lr=float(cfg["optim"]["lr"]),
             scores=tuple(r[metric] for r in rows), epochs=int(cfg["optim"]["epochs"]), folder=folder,
-            finished=summary is not None,
+            finished=summary is not None, seed=int(cfg.get("seed", 0)), variant=_variant(cfg),
         ))  # fmt: skip
     return points
 
 
+def _variant(cfg: dict) -> tuple:
+    if cfg["method"] != "lora":
+        return (cfg["method"],)
+    lora = cfg.get("lora", {})
+    return ("lora", int(lora.get("r", 8)), float(lora.get("alpha", 8)), tuple(lora.get("targets", ("q", "v"))))
+
+
+def _is_grid(p: GridPoint) -> bool:
+    """Seed 0 of the method's grid setting (LoRA r=8 alpha=8 on q, v): what selects the learning rate."""
+    return p.seed == 0 and p.variant == GRID_VARIANT.get(p.method, (p.method,))
+
+
 def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
-    """Per (task, method): the finished grid point with the best dev metric."""
+    """Per (task, method): the finished seed-0 grid point with the best dev metric."""
     best: dict[tuple[str, str], GridPoint] = {}
-    for p in points:
+    for p in filter(_is_grid, points):
         key = (p.task, p.method)
         if p.finished and (key not in best or p.best > best[key].best):
             best[key] = p
@@ -70,7 +90,7 @@ def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
 
 
 def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
-    points = read_grid(results_dir)
+    points = [p for p in read_grid(results_dir) if _is_grid(p)]
     chosen = selected(points)
     commands = os.path.relpath(results_dir / "glue_minilm_lrsel" / "COMMANDS.md", out_dir)
     lines = [
@@ -105,3 +125,101 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
             for (t, m), p in sorted(chosen.items())
         ) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds at the selected learning rates, and the verdict
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _variant_title(variant: tuple) -> str:
+    if variant[0] != "lora":
+        return {"full": "FT (tuned)"}.get(variant[0], variant[0])
+    _, r, alpha, targets = variant
+    where = "all linear" if list(targets) in (["all-linear"], ["q", "k", "v", "o", "mlp"]) else ",".join(targets)
+    return f"LoRA r={r} α={alpha:g} {where} (tuned lr)"
+
+
+def tuned_runs(points: list[GridPoint]) -> dict[tuple[str, tuple], list[GridPoint]]:
+    """(task, variant) -> the finished runs (one per seed) at the learning rate selected for the variant's method."""
+    chosen = selected(points)
+    runs: dict[tuple[str, tuple], list[GridPoint]] = {}
+    for p in points:
+        pick = chosen.get((p.task, p.method))
+        if p.finished and pick is not None and p.lr == pick.lr:
+            runs.setdefault((p.task, p.variant), []).append(p)
+    return {k: sorted(v, key=lambda p: p.seed) for k, v in runs.items()}
+
+
+def _cell(runs: list[GridPoint], out_dir: Path) -> str:
+    scores = [100 * p.best for p in runs]
+    links = " ".join(f"[{p.seed}]({os.path.relpath(p.folder, out_dir)})" for p in runs)
+    spread = f" {min(scores):.1f}–{max(scores):.1f}" if len(runs) > 1 else ""
+    epochs = ",".join(str(p.best_epoch + 1) + ("⚠" if p.best_epoch == len(p.scores) - 1 else "") for p in runs)
+    return f"{statistics.median(scores):.1f} <sub>n={len(runs)}{spread}, best ep {epochs} {links}</sub>"
+
+
+def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
+    """The tuned-protocol table (rows: FT, LoRA q,v and any other LoRA variant run at LoRA's selected lr) and one
+    computed verdict per task, as markdown lines; empty when no learning rate has been selected yet."""
+    points = read_grid(results_dir)
+    runs = tuned_runs(points)
+    if not runs:
+        return []
+    tasks = [t for t in TITLES if any(task == t for task, _ in runs)]
+    variants = sorted({v for _, v in runs}, key=lambda v: (v[0] != "full", v != GRID_VARIANT["lora"], str(v)))
+    chosen = selected(points)
+    finished = {(p.task, p.method, p.lr) for p in points if _is_grid(p) and p.finished}
+    unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in GRID_LRS.get(k[1], ()))}
+    lines = [
+        "## Tuned protocol: each method at its own learning rate, 10 epochs, best epoch on dev",
+        "",
+        "`+exp=glue_minilm_lrsel`: the learning rate of each method selected on seed 0 "
+        "([glue_lr_selection.md](glue_lr_selection.md)), then seeds at that rate. Cell: median over seeds of the",
+        "best epoch's dev metric x100, n = seeds, min–max, each seed's best epoch (⚠ = the last of 10), links to the",
+        "runs. Selected: " + "; ".join(
+            f"{TITLES.get(t, t)} {METHODS.get(m, m)} {p.lr:g}" + (" (grid unfinished)" if (t, m) in unsettled else "")
+            for (t, m), p in sorted(chosen.items())
+        ) + ".",  # fmt: skip
+        "",
+        "| method | " + " | ".join(TITLES[t] for t in tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
+    for v in variants:
+        cells = [_cell(runs[(t, v)], out_dir) if (t, v) in runs else "no run" for t in tasks]
+        lines.append(f"| {_variant_title(v)} | " + " | ".join(cells) + " |")
+    lines += ["", *verdicts(runs, tasks, unsettled)]
+    return lines
+
+
+def verdicts(
+    runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str], unsettled: set[tuple[str, str]] = frozenset()
+) -> list[str]:
+    """One line per task with both tuned rows, and the sentence of what reproduced: LoRA q,v within WITHIN
+    points of FT (median against median), with the seed ranges and the seed counts. A task is provisional with
+    fewer than 3 seeds a side or a learning-rate grid (`unsettled`) not finished."""
+    lines, held, failed = [], [], []
+    for t in tasks:
+        ft, lora = runs.get((t, GRID_VARIANT["full"])), runs.get((t, GRID_VARIANT["lora"]))
+        if not ft or not lora:
+            continue
+        med = lambda rs: statistics.median(100 * p.best for p in rs)  # noqa: E731
+        rng = lambda rs: (  # noqa: E731
+            f", range {min(100 * p.best for p in rs):.1f}–{max(100 * p.best for p in rs):.1f}" if len(rs) > 1 else ""
+        )
+        gap = med(lora) - med(ft)
+        ok = gap >= -WITHIN
+        why = [f"{min(len(ft), len(lora))} seed(s), not 3"] if min(len(ft), len(lora)) < 3 else []
+        why += ["learning-rate grid unfinished"] if {(t, "full"), (t, "lora")} & set(unsettled) else []
+        note = f" (provisional: {'; '.join(why)})" if why else ""
+        lines.append(
+            f"- {TITLES[t]}: LoRA within {WITHIN:g} point of FT: **{'yes' if ok else 'no'}** — gap {gap:+.1f} "
+            f"(LoRA {med(lora):.1f}, n={len(lora)}{rng(lora)}; FT {med(ft):.1f}, n={len(ft)}{rng(ft)}){note}."
+        )
+        (held if ok else failed).append(f"{TITLES[t]} {gap:+.1f}" + ("*" if why else ""))
+    if lines:
+        sentence = (f"Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
+                    f"{', '.join(held) or 'no task'} and fails on {', '.join(failed) or 'no task'} (LoRA − FT, "
+                    "points; * provisional, as above).")  # fmt: skip
+        lines += ["", sentence]
+    return lines

@@ -1,5 +1,6 @@
 """experiments/lr_selection.py on fake run folders: the best epoch per grid point, the selected lr per method,
-the under-training flag, and runs still training never selected."""
+the under-training flag, runs still training never selected, and the seeds at the selected rate with their
+computed verdict."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from lr_selection import lr_selection_table, read_grid, selected  # noqa: E402
+from lr_selection import lr_selection_table, read_grid, selected, tuned_section  # noqa: E402
 
 
-def fake_point(results: Path, task: str, method: str, lr: float, scores: list[float], finished: bool = True):
-    folder = results / "glue_minilm_lrsel" / task / f"{method}_seed0_lr{lr:g}"
+def fake_point(results: Path, task: str, method: str, lr: float, scores: list[float], finished: bool = True,
+               seed: int = 0, alpha: float = 8):  # fmt: skip
+    folder = results / "glue_minilm_lrsel" / task / f"{method}_a{alpha:g}_seed{seed}_lr{lr:g}"
     folder.mkdir(parents=True)
-    cfg = {"task": task, "method": method, "optim": {"lr": lr, "epochs": 4}}
+    cfg = {"task": task, "method": method, "seed": seed, "optim": {"lr": lr, "epochs": 4}}
+    if method == "lora":
+        cfg["lora"] = {"r": 8, "alpha": alpha, "targets": ["q", "v"]}
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     metric = "pearson" if task == "stsb" else "accuracy"
     rows = [{"epoch": e, metric: s} for e, s in enumerate(scores)]
@@ -45,3 +49,33 @@ def test_selection_picks_the_best_finished_point_and_flags_a_last_epoch_best(tmp
     assert "90.0 | 2 / 2 | training (2/4 epochs)" in rows[2] and "**" not in rows[2]
     assert ("MRPC LoRA r=8 α=8 W_q,W_v lr 0.001 (80.0), provisional: 1 still training; "
             "STS-B full FT lr 2e-05 (87.0).") in table
+
+
+def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
+    for lr, best in ((2e-5, 0.80), (5e-5, 0.82), (1e-4, 0.79)):
+        fake_point(tmp_path, "mrpc", "full", lr, [0.7, best, 0.75, 0.74])
+    for lr, best in ((5e-4, 0.76), (1e-3, 0.78), (2e-3, 0.81), (4e-3, 0.70)):
+        fake_point(tmp_path, "mrpc", "lora", lr, [0.7, 0.72, best, 0.77])
+    fake_point(tmp_path, "mrpc", "full", 5e-5, [0.7, 0.84, 0.8, 0.8], seed=1)
+    fake_point(tmp_path, "mrpc", "full", 5e-5, [0.7, 0.83, 0.8, 0.8], seed=2)
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.75, 0.78, 0.79], seed=1)  # best at the last epoch
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.99, 0.8, 0.8], seed=2, finished=False)  # never a seed
+    fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.99, 0.8, 0.8, 0.8], seed=1)  # another lr: not a seed
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.8, 0.85, 0.8], alpha=16)  # a variant row: never selects
+    fake_point(tmp_path, "rte", "full", 2e-5, [0.55, 0.60, 0.58, 0.57])
+    fake_point(tmp_path, "rte", "lora", 1e-3, [0.55, 0.58, 0.59, 0.61])
+
+    chosen = selected(read_grid(tmp_path))
+    assert chosen[("mrpc", "lora")].lr == 2e-3 and chosen[("mrpc", "lora")].seed == 0
+    lines = tuned_section(tmp_path, tmp_path / "tables")
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
+    assert "83.0 <sub>n=3 82.0–84.0, best ep 2,2,2 " in rows["| FT (tuned)"]
+    assert "80.0 <sub>n=2 79.0–81.0, best ep 3,4⚠ " in rows["| LoRA r=8 α=8 q,v (tuned lr)"]
+    assert "85.0 <sub>n=1, best ep 3 " in rows["| LoRA r=8 α=16 q,v (tuned lr)"]
+    mrpc = next(line for line in lines if line.startswith("- MRPC"))
+    assert "**no** — gap -3.0 (LoRA 80.0, n=2, range 79.0–81.0; FT 83.0, n=3, range 82.0–84.0)" in mrpc
+    assert "provisional: 2 seed(s), not 3" in mrpc
+    rte = next(line for line in lines if line.startswith("- RTE"))
+    assert "**yes** — gap +1.0" in rte and "learning-rate grid unfinished" in rte
+    assert lines[-1].startswith("Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
+                                "RTE +1.0* and fails on MRPC -3.0*")
