@@ -239,6 +239,30 @@ def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Arra
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def decoder_outputs(
+    task: str,
+    hidden: jax.Array,
+    cache: list | None,
+    lm_head: Callable[[jax.Array], jax.Array],
+    score: Callable[[jax.Array], jax.Array],
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    pad_token_id: int | None,
+    last_logits_only: bool = False,
+) -> dict[str, Any]:
+    """A decoder's outputs for its task: {"last_hidden_state", "cache" (if decoding), "logits" (causal-lm: the LM
+    head, of the last position only with `last_logits_only`; sequence-classification: `score` of the last real
+    token)}. `lm_head` and `score` build their layers when called, inside the caller's compact method."""
+    out: dict[str, Any] = {"last_hidden_state": hidden}
+    if cache is not None:
+        out["cache"] = cache
+    if task == "causal-lm":
+        out["logits"] = lm_head(hidden[:, -1:] if last_logits_only else hidden)
+    elif task == "sequence-classification":
+        out["logits"] = score(last_token(hidden, input_ids, attention_mask, pad_token_id))
+    return out
+
+
 def family_init_cache(module: nn.Module, batch: int, max_length: int) -> list:
     """An empty cache from the `init_cache` of the family file that defines `module` (t5.py, gpt2.py, ...)."""
     return importlib.import_module(type(module).__module__).init_cache(module.config, batch, max_length)

@@ -31,10 +31,10 @@ from lora_jax.models.common import (
     attend,
     attention_scores,
     causal_cache_mask,
+    decoder_outputs,
     dense,
     empty_cache,
     heads_first,
-    last_token,
     layer_norm,
     masked_softmax,
     write_cache,
@@ -228,22 +228,16 @@ class GPT2(nn.Module):
         hidden, cache = transformer(
             input_ids, attention_mask, token_type_ids, position_ids, deterministic, cache, cache_index
         )
-        out = {"last_hidden_state": hidden}
-        if cache is not None:
-            out["cache"] = cache
-        if self.task == "causal-lm":
-            out["logits"] = transformer.wte.attend(hidden[:, -1:] if last_logits_only else hidden)
-        elif self.task == "sequence-classification":
-            pooled = last_token(hidden, input_ids, attention_mask, cfg.pad_token_id)
-            out["logits"] = Dense(
-                cfg.num_labels,
-                use_bias=False,
-                dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype),
-                kernel_init=nn.initializers.normal(cfg.initializer_range),
-                name="score",
-            )(pooled)
-        return out
+        score = lambda h: Dense(  # noqa: E731
+            cfg.num_labels,
+            use_bias=False,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            kernel_init=nn.initializers.normal(cfg.initializer_range),
+            name="score",
+        )(h)
+        return decoder_outputs(self.task, hidden, cache, transformer.wte.attend, score, input_ids, attention_mask,
+                               cfg.pad_token_id, last_logits_only)  # fmt: skip
 
 
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:

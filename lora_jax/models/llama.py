@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -32,10 +32,10 @@ from lora_jax.models.common import (
     attend,
     attention_scores,
     causal_cache_mask,
+    decoder_outputs,
     dense,
     empty_cache,
     heads_first,
-    last_token,
     masked_softmax,
     rms_norm,
     rope_frequencies,
@@ -265,19 +265,13 @@ class Llama(nn.Module):
             )
         model = LlamaModel(cfg, name="model")
         hidden, cache = model(input_ids, attention_mask, position_ids, deterministic, cache, cache_index)
-        out = {"last_hidden_state": hidden}
-        if cache is not None:
-            out["cache"] = cache
-        head = lambda features, name: dense(cfg, features, name, cfg.initializer_range, use_bias=False)
-        if self.task == "causal-lm":
-            h = hidden[:, -1:] if last_logits_only else hidden
-            out["logits"] = (
-                model.embed_tokens.attend(h) if cfg.tie_word_embeddings else head(cfg.vocab_size, "lm_head")(h)
-            )
-        elif self.task == "sequence-classification":
-            pooled = last_token(hidden, input_ids, attention_mask, cfg.pad_token_id)
-            out["logits"] = head(cfg.num_labels, "score")(pooled)
-        return out
+
+        def head(features: int, name: str) -> Callable[[jax.Array], jax.Array]:
+            return lambda h: dense(cfg, features, name, cfg.initializer_range, use_bias=False)(h)
+
+        lm_head = model.embed_tokens.attend if cfg.tie_word_embeddings else head(cfg.vocab_size, "lm_head")
+        return decoder_outputs(self.task, hidden, cache, lm_head, head(cfg.num_labels, "score"), input_ids,
+                               attention_mask, cfg.pad_token_id, last_logits_only)  # fmt: skip
 
 
 def init_cache(config: Config, batch_size: int, max_length: int) -> Cache:
