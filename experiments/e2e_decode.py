@@ -20,7 +20,6 @@ from pathlib import Path
 import hydra
 import jax
 import jax.numpy as jnp
-import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,29 +27,11 @@ from lora_jax import causal_lm
 from lora_jax.adapters import load_adapter
 from lora_jax.config import decode_config, model_folder, model_name, register_resolvers, store_schemas
 from lora_jax.data import e2e
-from lora_jax.data.batching import eval_batches
 from lora_jax.experiment import CAUSAL_TASKS, git_commit
 from lora_jax.models.hub import from_pretrained
 
 register_resolvers()
 store_schemas(ConfigStore.instance())
-
-
-def decode_resumably(generate, params, dataset, batch_size: int, folder: Path) -> np.ndarray:
-    """Every row's generated tokens, in order; batch i is kept as folder/i.npy once decoded."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens = []
-    for i, batch in enumerate(eval_batches(dataset, batch_size)):
-        path = folder / f"{i:05d}.npy"
-        if not path.exists():
-            out = np.asarray(generate(params, {k: batch[k] for k in ("input_ids", "attention_mask")}))
-            partial = path.with_suffix(".tmp.npy")
-            np.save(partial, out[batch["weights"] > 0])
-            os.replace(partial, path)
-            print(f"batch {i}: {int(np.sum(batch['weights'] > 0))} rows decoded", flush=True)
-        tokens.append(np.load(path))
-    width = max(t.shape[1] for t in tokens)
-    return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tokens])
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -77,7 +58,7 @@ def main(cfg: DictConfig) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     generate_batch = causal_lm.decoder(decode, [eos], pad)
     generate = jax.jit(lambda p, b: generate_batch(module, p, b))
-    tokens = decode_resumably(generate, params, dataset, cfg.optim.eval_batch_size, out_dir / "batches")
+    tokens = causal_lm.decode_all(generate, params, dataset, cfg.optim.eval_batch_size, keep=out_dir / "batches")
     scores = causal_lm.scorer(grouped, tokenizer, decode.samples)(tokens, dataset["labels"])
     (out_dir / f"{decode.split}_outputs.txt").write_text("\n".join(scores["decoded"]) + "\n")
     record = {k: v for k, v in scores.items() if k not in ("decoded", "samples")}

@@ -1,7 +1,7 @@
 """Causal-LM fine-tuning on E2E NLG (the paper's Table 3) through the shared trainer, and its beam-search evaluation.
 
-Nothing here loops or checkpoints: `lora_jax.train.train` does, as for GLUE. This module only says what a causal-LM
-run feeds it:
+Training loops and checkpoints live in `lora_jax.train.train`, as for GLUE. This module says what a causal-LM run
+feeds it:
 
   training rows   `e2e.tokenize_causal` rows with `labels[t]` = the token at t + 1 where that token is part of the
                   completion, else -100, so `objective.batch_loss`'s token branch is the completion-only loss
@@ -12,7 +12,9 @@ run feeds it:
                   challenge's five metrics (`nlg_metrics.e2e_metrics`). It also returns the texts, which the trainer
                   writes to decoded/<split>_epoch<k>.txt, and a few samples, which it logs.
 
-`fewshot` decodes the base model with a few training pairs in the prompt: the floor a fine-tuned run must beat.
+Outside a training run, `decode_all` decodes a whole prompt set, resumably (experiments/e2e_decode.py on a trained
+adapter); `fewshot` decodes the base model with a few training pairs in the prompt: the floor a fine-tuned run must
+beat.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import jax
 import numpy as np
 
 from lora_jax.data import e2e
-from lora_jax.data.batching import subset_indices
+from lora_jax.data.batching import eval_batches, subset_indices
 from lora_jax.data.nlg_metrics import e2e_metrics
 from lora_jax.models import generate as decoding
 from lora_jax.models.spec import family_of
@@ -117,6 +119,37 @@ def decoder(decode: DecodeConfig, eos: Sequence[int], pad: int):
         )  # fmt: skip
 
     return generate_batch
+
+
+def decode_all(
+    generate: Callable[[Any, Mapping[str, Any]], Any],
+    params: Any,
+    dataset: Mapping[str, np.ndarray],
+    batch_size: int,
+    keep: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Every row's generated tokens (rows, new tokens), in row order, from `generate(params, batch)`.
+
+    With `keep` (a folder), batch i is saved there as i.npy once decoded (atomically) and read back on a rerun,
+    so a killed decode of a whole test set resumes where it stopped."""
+    folder = None if keep is None else Path(keep)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    tokens = []
+    for i, batch in enumerate(eval_batches(dataset, batch_size)):
+        path = None if folder is None else folder / f"{i:05d}.npy"
+        if path is not None and path.exists():
+            tokens.append(np.load(path))
+            continue
+        out = np.asarray(generate(params, {k: batch[k] for k in ("input_ids", "attention_mask")}))
+        out = out[batch["weights"] > 0]
+        if path is not None:
+            partial = path.with_suffix(".tmp.npy")
+            np.save(partial, out)
+            os.replace(partial, path)
+        tokens.append(out)
+    width = max(t.shape[1] for t in tokens)
+    return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tokens])
 
 
 def scorer(grouped: e2e.GroupedReferences, tokenizer: Any, samples: int = 10, stop: str | None = None):
@@ -215,31 +248,22 @@ def fewshot(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Decode every MR of `decode.split` with `decode.shots` training pairs in the prompt, score, and write
-    <out_dir>/<split>_outputs.txt and metrics.jsonl; returns the scores (and the texts under "decoded")."""
-    from lora_jax.data.batching import eval_batches
+    <out_dir>/<split>_outputs.txt and metrics.jsonl; returns the scores (and the texts under "decoded"). Decoded
+    batches are kept in <out_dir>/batches, so a rerun resumes."""
 
     train = e2e.load_e2e("train", data_dir)
     picks = np.random.default_rng(seed).choice(len(train), decode.shots, replace=False)
     shots = [(train.mrs[i], train.references[i]) for i in picks]
     grouped = eval_references(data_dir, decode)
     encoded = [tokenizer(fewshot_prompt(shots, mr), add_special_tokens=False)["input_ids"] for mr in grouped.mrs]
-    width = max(len(ids) for ids in encoded)
     eos = e2e.end_of_text_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    input_ids = np.full((len(encoded), width), pad, np.int32)
-    mask = np.zeros_like(input_ids)
-    for i, ids in enumerate(encoded):
-        input_ids[i, : len(ids)], mask[i, : len(ids)] = ids, 1
-    dataset = prompt_set({"input_ids": input_ids, "attention_mask": mask})
+    dataset = prompt_set(e2e.right_padded(encoded, pad))
     generate_batch = decoder(decode, [eos, *newline_tokens(tokenizer)], pad)
     generate = jax.jit(lambda p, b: generate_batch(module, p, b))
-    tokens = []
-    for batch in eval_batches(dataset, batch_size):
-        out = np.asarray(generate(params, {k: batch[k] for k in ("input_ids", "attention_mask")}))
-        tokens.append(out[batch["weights"] > 0])
-    scores = scorer(grouped, tokenizer, decode.samples, stop="\n")(np.concatenate(tokens), dataset["labels"])
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = decode_all(generate, params, dataset, batch_size, keep=out_dir / "batches")
+    scores = scorer(grouped, tokenizer, decode.samples, stop="\n")(tokens, dataset["labels"])
     (out_dir / f"{decode.split}_outputs.txt").write_text("\n".join(scores["decoded"]) + "\n")
     record = {k: v for k, v in scores.items() if k != "decoded"}
     (out_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "epoch": 0, "shots": shots, **record}) + "\n")

@@ -198,6 +198,18 @@ def test_fewshot_prompt_and_its_stop_tokens(tokenizer) -> None:  # noqa: F811
     assert all(set(tokenizer.decode([t])) == {"\n"} for t in stops)
 
 
+def test_fewshot_decodes_every_mr_scores_them_and_resumes(decoders, e2e_dir, tmp_path, monkeypatch) -> None:
+    module, params, tokenizer, _ = hub.from_pretrained(str(decoders["gpt2"]), task="causal-lm")  # noqa: F811
+    decode = causal_lm.DecodeConfig(num_beams=2, max_new_tokens=4, shots=2, samples=2)
+    scores = causal_lm.fewshot(module, params, tokenizer, str(e2e_dir), decode, tmp_path, batch_size=3)
+    assert set(METRICS) <= set(scores) and len(scores["decoded"]) == 4  # the 4 test MRs, once each
+    assert (tmp_path / "test_outputs.txt").read_text().count("\n") == 4
+    assert sorted(p.name for p in (tmp_path / "batches").iterdir()) == ["00000.npy", "00001.npy"]
+    monkeypatch.setattr(causal_lm.decoding, "generate", lambda *a, **k: pytest.fail("a rerun reuses kept batches"))
+    again = causal_lm.fewshot(module, params, tokenizer, str(e2e_dir), decode, tmp_path, batch_size=3)
+    assert again["decoded"] == scores["decoded"]
+
+
 def test_a_subset_is_the_same_rows_for_every_run(e2e_dir) -> None:
     split = e2e.load_e2e("train", e2e_dir)
     a, b = causal_lm.train_subset(split, 10, seed=0), causal_lm.train_subset(split, 10, seed=0)

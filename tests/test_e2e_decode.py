@@ -1,15 +1,11 @@
-"""experiments/e2e_decode.py keeps each decoded batch as it lands, so a killed full-test-set decode resumes where it
-stopped and ends with every row's tokens in order."""
+"""causal_lm.decode_all (what experiments/e2e_decode.py and the few-shot floor decode with) keeps each decoded batch
+as it lands, so a killed full-test-set decode resumes where it stopped and ends with every row's tokens in order."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-from e2e_decode import decode_resumably  # noqa: E402
+from lora_jax.causal_lm import decode_all
 
 
 def test_a_resumed_decode_skips_finished_batches_and_keeps_row_order(tmp_path):
@@ -24,10 +20,11 @@ def test_a_resumed_decode_skips_finished_batches_and_keeps_row_order(tmp_path):
         return np.concatenate([first, first], axis=1)
 
     folder = tmp_path / "batches"
-    full = decode_resumably(generate, None, dataset, 3, folder)
+    full = decode_all(generate, None, dataset, 3, keep=folder)
     assert full[:, 0].tolist() == (np.arange(rows) * 3).tolist() and len(calls) == 3
     (folder / "00001.npy").unlink()  # as if killed while batch 1 was decoding
     calls.clear()
-    again = decode_resumably(generate, None, dataset, 3, folder)
+    again = decode_all(generate, None, dataset, 3, keep=folder)
     assert len(calls) == 1 and np.array_equal(again, full)
     assert not list(folder.glob("*.tmp.npy"))
+    assert np.array_equal(decode_all(generate, None, dataset, 3), full)  # without a folder: nothing kept

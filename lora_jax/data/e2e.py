@@ -156,14 +156,18 @@ def tokenize_causal(split: E2ESplit, tokenizer: Any, max_len: int | None = None)
 def tokenize_prompts(mrs: Sequence[str], tokenizer: Any) -> dict[str, np.ndarray]:
     """Right-padded decoding prompts: each MR's tokens then eos (the training context), as int32 arrays."""
     eos = end_of_text_id(tokenizer)
-    prompts = [ids + [eos] for ids in _encode(tokenizer, mrs)]
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    input_ids = np.full((len(prompts), width), pad, np.int32)
-    attention_mask = np.zeros((len(prompts), width), np.int32)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, : len(prompt)] = prompt
-        attention_mask[i, : len(prompt)] = 1
+    return right_padded([ids + [eos] for ids in _encode(tokenizer, mrs)], pad)
+
+
+def right_padded(sequences: Sequence[Sequence[int]], pad: int) -> dict[str, np.ndarray]:
+    """Token lists as int32 `input_ids` right-padded with `pad` to the longest, and their `attention_mask`.
+    (GPT-2-style tokenizers have no pad token, so `tokenizer.pad` cannot do this for them.)"""
+    width = max(len(s) for s in sequences)
+    input_ids = np.full((len(sequences), width), pad, np.int32)
+    attention_mask = np.zeros((len(sequences), width), np.int32)
+    for i, ids in enumerate(sequences):
+        input_ids[i, : len(ids)], attention_mask[i, : len(ids)] = ids, 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
