@@ -141,3 +141,30 @@ def test_e2e_table_puts_the_paper_beside_our_labelled_runs_with_the_computed_cou
     assert "LoRA r=4 α=32 on q,v | 2,000 of 42,061 | 2 | 230,400 | 50.1 | 6.12 | 35.0 | 61.2 | 1.23 |" in row
     assert "[3](../e2e_smollm2/e2e/lora_r4_a32_seed0/test_outputs.txt)" in row
     assert "(../e2e_smollm2/e2e/lora_r4_a32_seed0)" in row and "different," in table
+
+
+def test_scaling_figure_lists_each_method_by_size_and_draws_one_curve_each(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tables import scaling_figure
+
+    def fake(method: str, run: str, config: dict, trainable: int, best: float, seed: int = 0) -> None:
+        folder = tmp_path / "scaling_minilm" / "stsb" / f"{run}_seed{seed}"
+        folder.mkdir(parents=True)
+        summary = {"exp": "scaling_minilm", "task": "stsb", "run": f"{run}_seed{seed}", "seed": seed,
+                   "method": method, "best": best, "main_metric": "pearson", "trainable_params": trainable}  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+        (folder / "config.yaml").write_text(yaml.safe_dump({"method": method, **config}))
+
+    fake("lora", "lora_r64_a8", {"lora": {"r": 64}}, 1_000_000, 0.86)
+    fake("lora", "lora_r4_a8", {"lora": {"r": 4}}, 60_000, 0.84)
+    fake("lora", "lora_r4_a8", {"lora": {"r": 4}}, 60_000, 0.80, seed=1)
+    fake("prefix_embed", "prefix_embed_lp32_li0", {"prefix": {"l_p": 32, "l_i": 0}}, 12_288, 0.70)
+    out = tmp_path / "tables"
+    out.mkdir()
+    page = scaling_figure(tmp_path, out)
+    rows = [line for line in page.splitlines() if line.startswith("| LoRA") or line.startswith("| Prefix")]
+    assert rows[0].startswith("| LoRA | r=4 | 60,000 | STS-B | 82.0 <sub>n=2 80.0–84.0")
+    assert rows[1].startswith("| LoRA | r=64 | 1,000,000 | STS-B | 86.0")
+    assert rows[2].startswith("| PrefixEmbed | l_p+l_i=32 | 12,288 | STS-B | 70.0")
+    assert (out / "figure2_scaling.png").stat().st_size > 1000
+    assert "no run yet" in scaling_figure(tmp_path / "empty", out)

@@ -1,6 +1,6 @@
-"""Heatmaps of phi(i, j) in the paper's layout: i (the first adapter's top-i directions) down the rows from 1 at
-the top, j (the second's) along the columns, colour 0..1. Figure 3 compares A_{r=8} with A_{r=64}; Figure 4 two
-seeds at r = 64 against a random Gaussian control.
+"""The paper's figures: heatmaps of phi(i, j) in its layout (i, the first adapter's top-i directions, down the rows
+from 1 at the top, j, the second's, along the columns, colour 0..1; Figure 3 compares A_{r=8} with A_{r=64},
+Figure 4 two seeds at r = 64 against a random Gaussian control), and Figure 2's metric-against-parameters curves.
 
 matplotlib is imported here only, with the Agg backend, so the numerical analyses never need it.
 """
@@ -97,3 +97,28 @@ def figure4(
     panels.append(("random Gaussian", control))
     title = f"phi({labels[0]}, {labels[1]}, i, j) vs random"
     return heatmap_grid([panels], Path(path), crop=crop, title=title)
+
+
+def scaling_curves(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    ylabel: str,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Figure:
+    """Figure 2's layout: one line per method through its (trainable parameters, metric) points, the parameter
+    axis logarithmic, so methods of very different sizes share one plot."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return fig
