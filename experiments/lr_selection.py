@@ -36,6 +36,7 @@ class GridPoint:
     finished: bool
     seed: int = 0
     variant: tuple = ()  # (method,) or ("lora", r, alpha, targets): which row of the tuned table it belongs to
+    trainable: int = 0  # trainable parameters (summary.json), 0 while the run is unfinished
 
     @property
     def best_epoch(self) -> int:
@@ -63,6 +64,7 @@ def read_grid(results_dir: Path, exp: str = "glue_minilm_lrsel") -> list[GridPoi
             task=cfg["task"], method=cfg["method"], lr=float(cfg["optim"]["lr"]),
             scores=tuple(r[metric] for r in rows), epochs=int(cfg["optim"]["epochs"]), folder=folder,
             finished=summary is not None, seed=int(cfg.get("seed", 0)), variant=_variant(cfg),
+            trainable=int(summary.get("trainable_params", 0)) if summary else 0,
         ))  # fmt: skip
     return points
 
@@ -182,12 +184,17 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
             for (t, m), p in sorted(chosen.items())
         ) + ".",  # fmt: skip
         "",
-        "| method | " + " | ".join(TITLES[t] for t in tasks) + " |",
-        "|" + "---|" * (len(tasks) + 1),
+        "| method | trainable | " + " | ".join(TITLES[t] for t in tasks) + " |",
+        "|" + "---|" * (len(tasks) + 2),
     ]
     for v in variants:
         cells = [_cell(runs[(t, v)], out_dir) if (t, v) in runs else "no run" for t in tasks]
-        lines.append(f"| {_variant_title(v)} | " + " | ".join(cells) + " |")
+        some = [p for t in tasks for p in runs.get((t, v), [])]
+        title = _variant_title(v)
+        if v[0] not in GRID_LRS:  # a baseline run at one learning rate: not selected among several
+            title += " (one lr: " + ", ".join(sorted({f"{p.lr:g}" for p in some})) + ", not tuned)"
+        counts = "/".join(sorted({f"{p.trainable:,}" for p in some if p.trainable})) or "—"
+        lines.append(f"| {title} | {counts} | " + " | ".join(cells) + " |")
     lines += ["", *verdicts(runs, tasks, unsettled)]
     return lines
 
@@ -218,8 +225,9 @@ def verdicts(
         )
         (held if ok else failed).append(f"{TITLES[t]} {gap:+.1f}" + ("*" if why else ""))
     if lines:
+        starred = any(x.endswith("*") for x in held + failed)
         sentence = (f"Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
                     f"{', '.join(held) or 'no task'} and fails on {', '.join(failed) or 'no task'} (LoRA − FT, "
-                    "points; * provisional, as above).")  # fmt: skip
+                    f"points{'; * provisional, as above' if starred else ''}).")  # fmt: skip
         lines += ["", sentence]
     return lines

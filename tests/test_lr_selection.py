@@ -17,7 +17,7 @@ from lr_selection import lr_selection_table, read_grid, selected, tuned_section 
 
 
 def fake_point(results: Path, task: str, method: str, lr: float, scores: list[float], finished: bool = True,
-               seed: int = 0, alpha: float = 8):  # fmt: skip
+               seed: int = 0, alpha: float = 8, trainable: int = 0):  # fmt: skip
     folder = results / "glue_minilm_lrsel" / task / f"{method}_a{alpha:g}_seed{seed}_lr{lr:g}"
     folder.mkdir(parents=True)
     cfg = {"task": task, "method": method, "seed": seed, "optim": {"lr": lr, "epochs": 4}}
@@ -28,7 +28,8 @@ def fake_point(results: Path, task: str, method: str, lr: float, scores: list[fl
     rows = [{"epoch": e, metric: s} for e, s in enumerate(scores)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
-        (folder / "summary.json").write_text(json.dumps({"main_metric": metric, "best": max(scores)}))
+        summary = {"main_metric": metric, "best": max(scores), "trainable_params": trainable}
+        (folder / "summary.json").write_text(json.dumps(summary))
 
 
 def test_selection_picks_the_best_finished_point_and_flags_a_last_epoch_best(tmp_path):
@@ -79,3 +80,21 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     assert "**yes** — gap +1.0" in rte and "learning-rate grid unfinished" in rte
     assert lines[-1].startswith("Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
                                 "RTE +1.0* and fails on MRPC -3.0*")
+
+
+def test_a_baseline_at_one_rate_is_labelled_untuned_and_no_star_without_provisional_tasks(tmp_path):
+    for seed in (0, 1, 2):
+        fake_point(tmp_path, "mrpc", "full", 5e-5, [0.7, 0.82, 0.8, 0.8], seed=seed, trainable=22_713_602)
+        fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.81, 0.8, 0.8], seed=seed, trainable=222_338)
+    for lr in (2e-5, 1e-4):
+        fake_point(tmp_path, "mrpc", "full", lr, [0.7, 0.75, 0.75, 0.75])
+    for lr in (5e-4, 1e-3, 4e-3):
+        fake_point(tmp_path, "mrpc", "lora", lr, [0.7, 0.75, 0.75, 0.75])
+    fake_point(tmp_path, "mrpc", "adapter_h", 2e-3, [0.7, 0.79, 0.78, 0.78], trainable=237_026)
+
+    lines = tuned_section(tmp_path, tmp_path / "tables")
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
+    baseline = rows["| adapter_h (one lr: 0.002, not tuned)"]
+    assert baseline.startswith("| adapter_h (one lr: 0.002, not tuned) | 237,026 | 79.0")
+    assert "| 222,338 | 81.0 <sub>n=3" in rows["| LoRA r=8 α=8 q,v (tuned lr)"]
+    assert lines[-1].endswith("holds on MRPC -1.0 and fails on no task (LoRA − FT, points).")
