@@ -34,11 +34,21 @@ def _count(n: int | None) -> str:
 
 
 def _method(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    """The row's method with what sizes it and its learning rate (the baselines' rates are not tuned)."""
     method = summary["method"]
+    if method == "fewshot":
+        return f"base, {summary.get('shots')}-shot prompt"
     if method == "lora":
         lora = config["lora"]
-        return f"LoRA r={lora['r']} α={lora['alpha']:g} on {','.join(lora['targets'])}"
-    return {"full": "FT (full fine-tuning)", "fewshot": f"base, {summary.get('shots')}-shot prompt"}.get(method, method)
+        name = f"LoRA r={lora['r']} α={lora['alpha']:g} on {','.join(lora['targets'])}"
+    elif method.startswith("adapter_"):
+        name = f"{PAPER_METHODS.get(method, method)} r={config['adapter']['r']}"
+    elif method.startswith("prefix_"):
+        prefix = config["prefix"]
+        name = f"{PAPER_METHODS[method]} l_p={prefix['l_p']} l_i={prefix['l_i']}"
+    else:
+        name = {"full": "FT (full fine-tuning)"}.get(method, PAPER_METHODS.get(method, method))
+    return f"{name}, lr {float(config['optim']['lr']):g}"
 
 
 def _best(summary: dict[str, Any]) -> dict[str, float]:

@@ -127,18 +127,24 @@ def test_e2e_table_puts_the_paper_beside_our_labelled_runs_with_the_computed_cou
         "history": [{"epoch": 0, **{k: 0.1 for k in scores}}, {"epoch": 1, **scores}], "outputs": "test_outputs.txt",
     }  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2}, "lora": {"r": 4, "alpha": 32,
-                                                        "targets": ["q", "v"]}}))  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2, "lr": 5e-4}, "lora": {"r": 4,
+                                                        "alpha": 32, "targets": ["q", "v"]}}))  # fmt: skip
     (folder / "test_outputs.txt").write_text("a\nb\nc\n")
+    baseline = folder.parent / "prefix_layer_lp10_li0_seed0"
+    baseline.mkdir()
+    (baseline / "summary.json").write_text(json.dumps({**summary, "run": baseline.name, "method": "prefix_layer"}))
+    (baseline / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2, "lr": 5e-3},
+                                                          "prefix": {"l_p": 10, "l_i": 0}}))  # fmt: skip
     out = tmp_path / "tables"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path}", f"out={out}"],
                    check=True, capture_output=True)  # fmt: skip
     table = (out / "table3_e2e.md").read_text()
     assert "| GPT-2 M (LoRA) | 0.35M | 393,216 | 70.4 ±0.1 | 8.85 ±0.02 |" in table
     assert "| GPT-2 L (LoRA) | 0.77M | 737,280 |" in table and "microsoft/LoRA issue 172" in table
-    row = next(line for line in table.splitlines() if line.startswith("| SmolLM2-135M"))
+    row = next(line for line in table.splitlines() if line.startswith("| SmolLM2-135M LoRA"))
+    assert any(line.startswith("| SmolLM2-135M PreLayer l_p=10 l_i=0, lr 0.005 | 2,000") for line in table.splitlines())
     # The best epoch's scores (x100 for BLEU, MET, ROUGE-L), the data it saw, links to its outputs and its folder.
-    assert "LoRA r=4 α=32 on q,v | 2,000 of 42,061 | 2 | 230,400 | 50.1 | 6.12 | 35.0 | 61.2 | 1.23 |" in row
+    assert "LoRA r=4 α=32 on q,v, lr 0.0005 | 2,000 of 42,061 | 2 | 230,400 | 50.1 | 6.12 | 35.0 | 61.2 | 1.23 |" in row
     assert "[3](../e2e_smollm2/e2e/lora_r4_a32_seed0/test_outputs.txt)" in row
     assert "(../e2e_smollm2/e2e/lora_r4_a32_seed0)" in row and "different," in table
 
