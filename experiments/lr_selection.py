@@ -109,7 +109,7 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
     ]
     for p in sorted(points, key=lambda p: (list(TITLES).index(p.task) if p.task in TITLES else 99, p.method, p.lr)):
         score = f"{100 * p.best:.1f}"
-        if chosen.get((p.task, p.method)) is p:
+        if chosen.get((p.task, p.method)) is p and p.method in GRID_LRS:
             score = f"**{score}**"
         last = " ⚠" if p.finished and p.best_epoch == len(p.scores) - 1 else ""
         status = "finished" if p.finished else f"training ({len(p.scores)}/{p.epochs} epochs)"
@@ -124,7 +124,7 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
         lines += ["", f"Selected among finished runs ({caveat}): " + "; ".join(
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} lr {p.lr:g} ({100 * p.best:.1f})"
             + (f", provisional: {training[(t, m)]} still training" if training[(t, m)] else "")
-            for (t, m), p in sorted(chosen.items())
+            for (t, m), p in sorted(chosen.items()) if m in GRID_LRS  # baselines ran at one lr: nothing selected
         ) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -181,7 +181,7 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
         "best epoch's dev metric x100, n = seeds, min–max, each seed's best epoch (⚠ = the last of 10), links to the",
         "runs. Selected: " + "; ".join(
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} {p.lr:g}" + (" (grid unfinished)" if (t, m) in unsettled else "")
-            for (t, m), p in sorted(chosen.items())
+            for (t, m), p in sorted(chosen.items()) if m in GRID_LRS
         ) + ".",  # fmt: skip
         "",
         "| method | trainable | " + " | ".join(TITLES[t] for t in tasks) + " |",
