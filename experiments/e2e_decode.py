@@ -50,6 +50,11 @@ def main(cfg: DictConfig) -> None:
         quantize_embedding=bool(cfg.model.get("quantize_embedding", False)),
     )  # fmt: skip
     trained_dir = Path(cfg.from_run)
+    method = json.loads((trained_dir / "summary.json").read_text()).get("method")
+    if method != "lora":
+        print(f"error: e2e_decode.py decodes LoRA runs; {trained_dir} is a {method} run (its own eval decoded it).",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     params, lora = load_adapter(trained_dir / "adapter", base)
     data_dir = cfg.data.dir or os.environ.get("LORA_JAX_E2E_DIR")
     grouped = causal_lm.eval_references(data_dir, decode)

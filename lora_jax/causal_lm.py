@@ -33,6 +33,7 @@ import numpy as np
 from lora_jax.data import e2e
 from lora_jax.data.batching import eval_batches, subset_indices
 from lora_jax.data.nlg_metrics import e2e_metrics
+from lora_jax.data.prefix import SpecialTokens, insert_special_causal
 from lora_jax.models import generate as decoding
 from lora_jax.models.spec import family_of
 from lora_jax.train import EvalSpec
@@ -88,11 +89,16 @@ def train_subset(split: e2e.E2ESplit, rows: int | None, seed: int = 0) -> e2e.E2
     return e2e.E2ESplit(tuple(split.mrs[i] for i in keep), tuple(split.references[i] for i in keep))
 
 
-def causal_rows(split: e2e.E2ESplit, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
-    """input_ids, attention_mask and next-token labels, as wide as the longest row (at most max_len)."""
+def causal_rows(
+    split: e2e.E2ESplit, tokenizer: Any, max_len: int, special: SpecialTokens | None = None
+) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask and next-token labels, as wide as the longest row (at most max_len, plus prefix
+    tuning's `special` tokens: the prefix before the MR, the infix before the reference)."""
     data = e2e.tokenize_causal(split, tokenizer, max_len)
     longest = int(data["attention_mask"].sum(axis=1).max())
     data = {k: v[:, :longest] for k, v in data.items()}
+    if special is not None:
+        data = insert_special_causal(data, special, _pad_id(tokenizer))
     labels = next_token_labels(data["input_ids"], data["loss_mask"])
     return {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"], "labels": labels}
 
@@ -182,25 +188,33 @@ def eval_references(data_dir: str | None, decode: DecodeConfig) -> e2e.GroupedRe
     return grouped
 
 
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else e2e.end_of_text_id(tokenizer)
+
+
 def e2e_datasets(
-    data: Mapping[str, Any], decode: DecodeConfig, tokenizer: Any
+    data: Mapping[str, Any], decode: DecodeConfig, tokenizer: Any, special: SpecialTokens | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], EvalSpec, tuple[int, ...]]:
     """(train set, {split: prompts}, EvalSpec, training buckets) for `train.train`.
 
     `data` keys: dir, max_len, bucket_step, train_examples, subset_seed (as lora_jax.config.DataSchema has them).
+    `special`: prefix tuning's tokens, put into training rows and decoding prompts alike.
     """
     split = train_subset(e2e.load_e2e("train", data.get("dir")), data.get("train_examples"), data.get("subset_seed", 0))
-    train_set = causal_rows(split, tokenizer, data.get("max_len") or 512)
+    train_set = causal_rows(split, tokenizer, data.get("max_len") or 512, special)
     buckets = e2e.length_buckets(train_set["attention_mask"].sum(axis=1), data.get("bucket_step") or 8)
     grouped = eval_references(data.get("dir"), decode)
     eos = e2e.end_of_text_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = _pad_id(tokenizer)
     spec = EvalSpec(
         num_labels=0,  # unused: the labels are tokens (objective.batch_loss's token branch)
         metrics=scorer(grouped, tokenizer, decode.samples), main_metric=MAIN_METRIC,
         generate=decoder(decode, [eos], pad),
     )  # fmt: skip
-    return train_set, {decode.split: prompt_set(e2e.tokenize_prompts(grouped.mrs, tokenizer))}, spec, buckets
+    prompts = e2e.tokenize_prompts(grouped.mrs, tokenizer)
+    if special is not None:
+        prompts = insert_special_causal(prompts, special, pad)
+    return train_set, {decode.split: prompt_set(prompts)}, spec, buckets
 
 
 def keep_best_outputs(out_dir: str | os.PathLike, split: str, best_epoch: int | None) -> str | None:

@@ -88,7 +88,8 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     causal, buckets = cfg.task in CAUSAL_TASKS, None
     if causal:
         decode = decode_config(cfg)
-        train_set, eval_sets, spec, buckets = causal_lm.e2e_datasets(cfg.data, decode, tokenizer)
+        train_set, eval_sets, spec, buckets = causal_lm.e2e_datasets(cfg.data, decode, tokenizer,
+                                                                     _special_tokens(cfg, model_config))
     else:
         train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm",
                                                _special_tokens(cfg, model_config))  # fmt: skip

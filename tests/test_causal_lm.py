@@ -183,6 +183,36 @@ def test_llama_lora_on_q_proj_v_proj_and_full_ft_train(decoders, e2e_dir, tmp_pa
         assert summary["trainable_params"] == 2 * (4 * (16 + 16) + 4 * (16 + 8))
 
 
+def test_prefix_layer_reads_its_special_tokens_in_training_rows_and_prompts(decoders, e2e_dir) -> None:
+    """PreLayer on a causal LM: the data side puts the special tokens into the rows and the prompts, so its leaves
+    get gradients (before, the E2E path left them out: zero gradients, PreLayer trained nothing)."""
+    from lora_jax.data.prefix import SpecialTokens
+    from lora_jax.methods import partition, trainable_mask
+    from lora_jax.objective import make_loss
+    from lora_jax.prefix import PrefixConfig, prefix_wrap
+
+    module, params, tok, _ = hub.from_pretrained(decoders["llama"], task="causal-lm")
+    params = prefix_wrap(params, module, PrefixConfig(l_p=3, l_i=2), jax.random.key(0), "prefix_layer")
+    special = SpecialTokens(module.config.vocab_size, 3, 2)
+    decode = causal_lm.DecodeConfig(num_beams=2, max_new_tokens=8, samples=2)
+    data = {"dir": str(e2e_dir), "max_len": 64, "bucket_step": 4}
+    with_special, eval_sets, _, _ = causal_lm.e2e_datasets(data, decode, tok, special)
+    for rows in (with_special, eval_sets["test"]):
+        assert (rows["input_ids"][:, :3] == special.prefix_ids).all()  # every row starts with the prefix
+        assert ((rows["input_ids"] >= special.vocab_size).sum(axis=1) == 5).all()  # and holds the infix once
+    assert (with_special["labels"][:, :3] == -100).all()
+
+    trainable, frozen = partition(params, trainable_mask(params, method="prefix_layer"))
+    loss = make_loss(module, num_labels=0)
+    plain, _, _, _ = causal_lm.e2e_datasets(data, decode, tok)
+    for rows, reads in ((with_special, True), (plain, False)):
+        batch = {k: jnp.asarray(v[:4]) for k, v in rows.items()} | {"weights": jnp.ones(4)}
+        grads = jax.grad(loss)(trainable, frozen, batch, jax.random.key(1))
+        norms = [float(jnp.abs(g).sum()) for _, g in leaf_paths(grads)]
+        assert len(norms) == 2 * module.config.num_hidden_layers  # prefix + infix: the embedding, layers 1 .. L-1
+        assert all(n > 0 for n in norms) if reads else all(n == 0 for n in norms)
+
+
 def test_decode_config_rejects_bad_values_in_one_line() -> None:
     with pytest.raises(ValueError, match="generate.split must be one of"):
         causal_lm.DecodeConfig(split="dev")
