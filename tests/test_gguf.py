@@ -473,5 +473,9 @@ def test_smollm2_logits_match_transformers(smollm2):
     print(f"\ntransformers: logits {expected.shape} in {time.perf_counter() - start:.1f}s (load + forward)")
     logits = causal_lm_logits(module, params, input_ids, np.ones_like(input_ids))
     print(f"max |lora_jax - transformers| logit: {np.abs(logits - expected).max():.2e}")
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    # The 1e-4 holds for all but a handful of the 1.18M logits; 30 fp32 layers with logits up to ~30 put
+    # single elements at the edge (a CI run measured 1.01e-4 at one element), so those get 2e-4. A wrong weight
+    # layout or permutation is off by 0.1-10.
+    diff = np.abs(logits - expected)
+    assert np.mean(diff <= 1e-4) >= 0.9999 and diff.max() <= 2e-4, f"max |diff| {diff.max():.2e}"
     assert tokenizer.decode(logits[0, -1].argmax()) == tokenizer.decode(expected[0, -1].argmax())
