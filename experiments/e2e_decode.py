@@ -40,6 +40,12 @@ def main(cfg: DictConfig) -> None:
         print("error: decode a trained E2E run: add +exp=e2e_smollm2 +from_run=<its run folder>.", file=sys.stderr)
         sys.exit(2)
     OmegaConf.resolve(cfg)
+    trained_dir = Path(cfg.from_run)
+    method = json.loads((trained_dir / "summary.json").read_text()).get("method")
+    if method != "lora":
+        print(f"error: e2e_decode.py decodes LoRA runs; {trained_dir} is a {method} run (its own eval decoded it).",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     decode = decode_config(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,19 +55,11 @@ def main(cfg: DictConfig) -> None:
         param_dtype=jnp.dtype(cfg.model.param_dtype), quantize=cfg.model.get("quantize"),
         quantize_embedding=bool(cfg.model.get("quantize_embedding", False)),
     )  # fmt: skip
-    trained_dir = Path(cfg.from_run)
-    method = json.loads((trained_dir / "summary.json").read_text()).get("method")
-    if method != "lora":
-        print(f"error: e2e_decode.py decodes LoRA runs; {trained_dir} is a {method} run (its own eval decoded it).",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(2)
     params, lora = load_adapter(trained_dir / "adapter", base)
     data_dir = cfg.data.dir or os.environ.get("LORA_JAX_E2E_DIR")
     grouped = causal_lm.eval_references(data_dir, decode)
     dataset = causal_lm.prompt_set(e2e.tokenize_prompts(grouped.mrs, tokenizer))
-    eos = e2e.end_of_text_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    generate_batch = causal_lm.decoder(decode, [eos], pad)
+    generate_batch = causal_lm.decoder(decode, [e2e.end_of_text_id(tokenizer)], e2e.pad_id(tokenizer))
     generate = jax.jit(lambda p, b: generate_batch(module, p, b))
     tokens = causal_lm.decode_all(generate, params, dataset, cfg.optim.eval_batch_size, keep=out_dir / "batches")
     scores = causal_lm.scorer(grouped, tokenizer, decode.samples)(tokens, dataset["labels"])

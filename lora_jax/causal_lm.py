@@ -98,7 +98,7 @@ def causal_rows(
     longest = int(data["attention_mask"].sum(axis=1).max())
     data = {k: v[:, :longest] for k, v in data.items()}
     if special is not None:
-        data = insert_special_causal(data, special, _pad_id(tokenizer))
+        data = insert_special_causal(data, special, e2e.pad_id(tokenizer))
     labels = next_token_labels(data["input_ids"], data["loss_mask"])
     return {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"], "labels": labels}
 
@@ -188,10 +188,6 @@ def eval_references(data_dir: str | None, decode: DecodeConfig) -> e2e.GroupedRe
     return grouped
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else e2e.end_of_text_id(tokenizer)
-
-
 def e2e_datasets(
     data: Mapping[str, Any], decode: DecodeConfig, tokenizer: Any, special: SpecialTokens | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], EvalSpec, tuple[int, ...]]:
@@ -205,7 +201,7 @@ def e2e_datasets(
     buckets = e2e.length_buckets(train_set["attention_mask"].sum(axis=1), data.get("bucket_step") or 8)
     grouped = eval_references(data.get("dir"), decode)
     eos = e2e.end_of_text_id(tokenizer)
-    pad = _pad_id(tokenizer)
+    pad = e2e.pad_id(tokenizer)
     spec = EvalSpec(
         num_labels=0,  # unused: the labels are tokens (objective.batch_loss's token branch)
         metrics=scorer(grouped, tokenizer, decode.samples), main_metric=MAIN_METRIC,
@@ -270,8 +266,7 @@ def fewshot(
     shots = [(train.mrs[i], train.references[i]) for i in picks]
     grouped = eval_references(data_dir, decode)
     encoded = [tokenizer(fewshot_prompt(shots, mr), add_special_tokens=False)["input_ids"] for mr in grouped.mrs]
-    eos = e2e.end_of_text_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos, pad = e2e.end_of_text_id(tokenizer), e2e.pad_id(tokenizer)
     dataset = prompt_set(e2e.right_padded(encoded, pad))
     generate_batch = decoder(decode, [eos, *newline_tokens(tokenizer)], pad)
     generate = jax.jit(lambda p, b: generate_batch(module, p, b))

@@ -85,14 +85,12 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = N
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     task, config, out_dir = _start(cfg)
     module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)
-    causal, buckets = cfg.task in CAUSAL_TASKS, None
+    causal, buckets, special = cfg.task in CAUSAL_TASKS, None, _special_tokens(cfg, model_config)
     if causal:
         decode = decode_config(cfg)
-        train_set, eval_sets, spec, buckets = causal_lm.e2e_datasets(cfg.data, decode, tokenizer,
-                                                                     _special_tokens(cfg, model_config))
+        train_set, eval_sets, spec, buckets = causal_lm.e2e_datasets(cfg.data, decode, tokenizer, special)
     else:
-        train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm",
-                                               _special_tokens(cfg, model_config))  # fmt: skip
+        train_set, eval_sets, spec = _datasets(cfg, task, tokenizer, model_config, hf_task == "seq2seq-lm", special)
     export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
     summary = train(module, params, train_set, eval_sets, spec, config, out_dir, lora, _loggers(cfg, out_dir),
                     on_epoch=on_epoch, export=export, buckets=buckets)  # fmt: skip

@@ -123,6 +123,11 @@ def end_of_text_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id right-padding uses: the tokenizer's pad token, else its end-of-text token (GPT-2 has no pad)."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else end_of_text_id(tokenizer)
+
+
 def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
@@ -141,8 +146,7 @@ def tokenize_causal(split: E2ESplit, tokenizer: Any, max_len: int | None = None)
     width = max_len or longest
     if longest > width:
         raise ValueError(f"an E2E row has {longest} tokens, more than max_len {width}; raise data.max_len.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    input_ids = np.full((len(rows), width), pad, np.int32)
+    input_ids = np.full((len(rows), width), pad_id(tokenizer), np.int32)
     attention_mask = np.zeros((len(rows), width), np.int32)
     loss_mask = np.zeros((len(rows), width), np.int32)
     for i, (context, completion) in enumerate(rows):
@@ -156,8 +160,7 @@ def tokenize_causal(split: E2ESplit, tokenizer: Any, max_len: int | None = None)
 def tokenize_prompts(mrs: Sequence[str], tokenizer: Any) -> dict[str, np.ndarray]:
     """Right-padded decoding prompts: each MR's tokens then eos (the training context), as int32 arrays."""
     eos = end_of_text_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return right_padded([ids + [eos] for ids in _encode(tokenizer, mrs)], pad)
+    return right_padded([ids + [eos] for ids in _encode(tokenizer, mrs)], pad_id(tokenizer))
 
 
 def right_padded(sequences: Sequence[Sequence[int]], pad: int) -> dict[str, np.ndarray]:
