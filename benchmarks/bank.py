@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-adapters", default="1,4,16", help="distinct adapters in a serving batch")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="tiny shape, K=2, few steps: a smoke test")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (calls) per configuration; median reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator warm-up)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
@@ -332,8 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seq, batch = (16, 4) if args.quick else (args.seq, args.batch)
     serve_batch = 4 if args.quick else args.serve_batch
     served = [1, 2] if args.quick else [int(n) for n in args.serve_adapters.split(",")]
-    common = dict(gpu=gpu, seq=seq, batch=batch, serve_batch=serve_batch, warmup=1 if args.quick else 3,
-                  steps=2 if args.quick else 10)  # fmt: skip
+    common = dict(gpu=gpu, seq=seq, batch=batch, serve_batch=serve_batch, warmup=1 if args.quick else args.warmup,
+                  steps=2 if args.quick else args.steps)  # fmt: skip
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     out_dir = args.out or (ROOT / "benchmarks" / "results" / ("raw" if args.quick else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
