@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lora_jax.checkpoint import kept_outputs
 from lora_jax.data import e2e
 from lora_jax.data.batching import eval_batches, subset_indices
 from lora_jax.data.nlg_metrics import e2e_metrics
@@ -136,24 +137,14 @@ def decode_all(
 ) -> np.ndarray:
     """Every row's generated tokens (rows, new tokens), in row order, from `generate(params, batch)`.
 
-    With `keep` (a folder), batch i is saved there as i.npy once decoded (atomically) and read back on a rerun,
-    so a killed decode of a whole test set resumes where it stopped."""
-    folder = None if keep is None else Path(keep)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    tokens = []
-    for i, batch in enumerate(eval_batches(dataset, batch_size)):
-        path = None if folder is None else folder / f"{i:05d}.npy"
-        if path is not None and path.exists():
-            tokens.append(np.load(path))
-            continue
+    With `keep` (a folder), batch i is saved there as i.npy once decoded and read back on a rerun, so a killed
+    decode of a whole test set resumes where it stopped (`checkpoint.kept_outputs`)."""
+
+    def decode(batch: Mapping[str, np.ndarray]) -> np.ndarray:
         out = np.asarray(generate(params, {k: batch[k] for k in ("input_ids", "attention_mask")}))
-        out = out[batch["weights"] > 0]
-        if path is not None:
-            partial = path.with_suffix(".tmp.npy")
-            np.save(partial, out)
-            os.replace(partial, path)
-        tokens.append(out)
+        return out[batch["weights"] > 0]
+
+    tokens = kept_outputs(decode, eval_batches(dataset, batch_size), keep)
     width = max(t.shape[1] for t in tokens)
     return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tokens])
 

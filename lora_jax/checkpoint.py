@@ -8,10 +8,12 @@ pretrained model, which the run reloads anyway (for LoRA that is ~0.3% of the by
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -77,3 +79,29 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def kept_outputs(
+    compute: Callable[[Mapping[str, Any]], np.ndarray],
+    batches: Iterable[Mapping[str, Any]],
+    keep: str | os.PathLike | None = None,
+) -> list[np.ndarray]:
+    """`compute(batch)` for every batch, in order. With `keep` (a folder), each result is saved there as
+    <i>.npy once computed (written whole, then renamed) and read back instead of recomputed on a rerun, so a long
+    decode of a test set killed midway resumes where it stopped."""
+    folder = None if keep is None else Path(keep)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    for i, batch in enumerate(batches):
+        path = None if folder is None else folder / f"{i:05d}.npy"
+        if path is not None and path.exists():
+            outputs.append(np.load(path))
+            continue
+        out = np.asarray(compute(batch))
+        if path is not None:
+            partial = path.with_suffix(".tmp.npy")
+            np.save(partial, out)
+            os.replace(partial, path)
+        outputs.append(out)
+    return outputs

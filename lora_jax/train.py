@@ -19,7 +19,9 @@ from its latest checkpoint and ends with the same params as a run that was never
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +36,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from lora_jax.checkpoint import RunCheckpoints
+from lora_jax.checkpoint import RunCheckpoints, kept_outputs
 from lora_jax.data.batching import epoch_batches, eval_batches, num_batches
 from lora_jax.export import Export, check_exports, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
@@ -45,6 +47,7 @@ from lora_jax.sharding import make_mesh, place_batch, shardings_for, sync_proces
 
 Params = Any
 Batch = Mapping[str, np.ndarray]
+EVAL_BATCHES = "eval_batches"  # a generating eval's kept batches, removed once its epoch's checkpoint is saved
 
 
 class TrainingDiverged(RuntimeError):
@@ -220,12 +223,27 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def evaluate(eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh) -> dict[str, float]:
-    logits = []
-    for batch in eval_batches(dataset, batch_size, num_devices=mesh.devices.size):
-        out = _to_host(eval_step(trainable, frozen, place_batch(batch, mesh)))
-        logits.append(out[batch["weights"] > 0])
-    return spec.metrics(np.concatenate(logits), np.asarray(dataset["labels"]))
+def evaluate(
+    eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh, keep: Path | None = None
+) -> dict[str, float]:
+    """`spec.metrics` over every row's eval output; with `keep`, batches are kept as computed (resumable)."""
+
+    def outputs(batch: Batch) -> np.ndarray:
+        return _to_host(eval_step(trainable, frozen, place_batch(batch, mesh)))[batch["weights"] > 0]
+
+    batches = eval_batches(dataset, batch_size, num_devices=mesh.devices.size)
+    return spec.metrics(np.concatenate(kept_outputs(outputs, batches, keep)), np.asarray(dataset["labels"]))
+
+
+def _generation_keep(run: RunBook, spec: EvalSpec, trainable: Params, name: str, step: int) -> Path | None:
+    """Where a generating eval (minutes to hours: beam search over a test set) keeps its batches, so a run killed
+    during it resumes the decode; named by the step and a digest of the params, so only the same params reuse it.
+    Classification evals take seconds and keep nothing, nor do multi-process runs."""
+    if spec.generate is None or jax.process_count() > 1:
+        return None
+    sums = jax.device_get(jax.tree.map(lambda x: jnp.sum(x, dtype=jnp.float32), trainable))
+    digest = hashlib.sha1(np.asarray(jax.tree.leaves(sums), np.float32).tobytes()).hexdigest()[:12]
+    return run.out_dir / EVAL_BATCHES / f"{name}_step{step}_{digest}"
 
 
 @dataclasses.dataclass
@@ -271,8 +289,9 @@ def eval_and_checkpoint(run: RunBook, prepared: Prepared, state: TrainState, eva
     never evaluates an epoch twice)."""
     record: dict[str, Any] = {"step": step, "epoch": epoch}
     for name, dataset in eval_sets.items():
+        keep = _generation_keep(run, spec, state.trainable, name, step)
         scores = evaluate(prepared.eval_step, state.trainable, prepared.frozen, dataset, spec,
-                          config.eval_batch_size, mesh)  # fmt: skip
+                          config.eval_batch_size, mesh, keep)  # fmt: skip
         # Generation tasks also return their texts: all of them to a file per epoch, a few into the logs.
         if "decoded" in scores:
             (run.out_dir / "decoded").mkdir(exist_ok=True)
@@ -289,6 +308,7 @@ def eval_and_checkpoint(run: RunBook, prepared: Prepared, state: TrainState, eva
         run.meta.update(best=record[main_key], best_epoch=epoch)
         run.checkpoints.save_best(step, state.trainable, {"epoch": epoch, "metrics": run.meta["history"][-1]})
     run.save_latest(state, step)
+    shutil.rmtree(run.out_dir / EVAL_BATCHES, ignore_errors=True)  # latest now says this eval is done
     return record
 
 

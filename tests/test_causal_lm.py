@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from lora_jax import causal_lm
+from lora_jax import train as lora_train
 from lora_jax.data import e2e
 from lora_jax.data.nlg_metrics import METRICS
 from lora_jax.logging import read_jsonl
@@ -164,6 +165,40 @@ def test_gpt2_trains_through_the_shared_loop_evaluates_and_resumes(decoders, e2e
                     buckets=buckets)  # fmt: skip
     assert resumed["steps"] == 12 and [h["epoch"] for h in resumed["history"]] == [0, 1]
     np.testing.assert_allclose([r["loss"] for r in read_jsonl(tmp_path / "resumed" / "train.jsonl")], losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_beam_search_eval_resumes_the_decode(decoders, e2e_dir, tmp_path, monkeypatch) -> None:
+    module, params, lora, train_set, eval_sets, spec, buckets = _setup(decoders["gpt2"], e2e_dir)
+    config = _config(epochs=1, eval_batch_size=2)  # 4 test MRs: 2 decoded batches
+    straight = train(module, _copy(params), train_set, eval_sets, spec, config, tmp_path / "straight", lora,
+                     buckets=buckets)  # fmt: skip
+    assert not (tmp_path / "straight" / lora_train.EVAL_BATCHES).exists()  # removed once the epoch is saved
+
+    to_host, fetched = lora_train._to_host, []
+
+    def killed_on_the_second_batch(x):
+        if len(fetched) == 1:
+            raise KeyboardInterrupt("killed")
+        fetched.append(1)
+        return to_host(x)
+
+    monkeypatch.setattr(lora_train, "_to_host", killed_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(module, _copy(params), train_set, eval_sets, spec, config, tmp_path / "run", lora, buckets=buckets)
+    kept = list((tmp_path / "run" / lora_train.EVAL_BATCHES).glob("*/*.npy"))
+    assert [k.name for k in kept] == ["00000.npy"]
+
+    fetched.clear()
+    monkeypatch.setattr(lora_train, "_to_host", lambda x: fetched.append(1) or to_host(x))
+    resumed = train(module, _copy(params), train_set, eval_sets, spec, config, tmp_path / "run", lora,
+                    buckets=buckets)  # fmt: skip
+    assert len(fetched) == 1  # the same params (same step, same digest): only the second batch was decoded
+    assert resumed["history"] == straight["history"]
+    assert (tmp_path / "run" / "decoded" / "test_epoch0.txt").read_text() == (
+        tmp_path / "straight" / "decoded" / "test_epoch0.txt"
+    ).read_text()
+    assert not (tmp_path / "run" / lora_train.EVAL_BATCHES).exists()
 
 
 @pytest.mark.slow
