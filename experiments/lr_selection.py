@@ -63,17 +63,20 @@ def read_grid(results_dir: Path, exp: str = "glue_minilm_lrsel") -> list[GridPoi
         points.append(GridPoint(
             task=cfg["task"], method=cfg["method"], lr=float(cfg["optim"]["lr"]),
             scores=tuple(r[metric] for r in rows), epochs=int(cfg["optim"]["epochs"]), folder=folder,
-            finished=summary is not None, seed=int(cfg.get("seed", 0)), variant=_variant(cfg),
+            finished=summary is not None, seed=int(cfg.get("seed", 0)), variant=_variant(cfg, folder.name),
             trainable=int(summary.get("trainable_params", 0)) if summary else 0,
         ))  # fmt: skip
     return points
 
 
-def _variant(cfg: dict) -> tuple:
+def _variant(cfg: dict, folder_name: str) -> tuple:
+    """The row a run belongs to; PEFT+torch reference runs (experiments/peft_reference.py writes peft_<run>) get
+    their own "peft" row, so they never select a learning rate or count as lora_jax seeds."""
     if cfg["method"] != "lora":
         return (cfg["method"],)
     lora = cfg.get("lora", {})
-    return ("lora", int(lora.get("r", 8)), float(lora.get("alpha", 8)), tuple(lora.get("targets", ("q", "v"))))
+    kind = "peft" if folder_name.startswith("peft_") else "lora"
+    return (kind, int(lora.get("r", 8)), float(lora.get("alpha", 8)), tuple(lora.get("targets", ("q", "v"))))
 
 
 def _is_grid(p: GridPoint) -> bool:
@@ -135,10 +138,12 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
 
 
 def _variant_title(variant: tuple) -> str:
-    if variant[0] != "lora":
+    if variant[0] not in ("lora", "peft"):
         return {"full": "FT (tuned)"}.get(variant[0], variant[0])
-    _, r, alpha, targets = variant
+    kind, r, alpha, targets = variant
     where = "all linear" if list(targets) in (["all-linear"], ["q", "k", "v", "o", "mlp"]) else ",".join(targets)
+    if kind == "peft":
+        return f"PEFT+torch LoRA r={r} α={alpha:g} {where} (at LoRA's tuned lr)"
     return f"LoRA r={r} α={alpha:g} {where} (tuned lr)"
 
 
@@ -169,7 +174,8 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
     if not runs:
         return []
     tasks = [t for t in TITLES if any(task == t for task, _ in runs)]
-    variants = sorted({v for _, v in runs}, key=lambda v: (v[0] != "full", v != GRID_VARIANT["lora"], str(v)))
+    order = lambda v: (v[0] != "full", v != GRID_VARIANT["lora"], v[0] == "peft", str(v))  # noqa: E731
+    variants = sorted({v for _, v in runs}, key=order)
     chosen = selected(points)
     finished = {(p.task, p.method, p.lr) for p in points if _is_grid(p) and p.finished}
     unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in GRID_LRS.get(k[1], ()))}
@@ -191,12 +197,31 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
         cells = [_cell(runs[(t, v)], out_dir) if (t, v) in runs else "no run" for t in tasks]
         some = [p for t in tasks for p in runs.get((t, v), [])]
         title = _variant_title(v)
-        if v[0] not in GRID_LRS:  # a baseline run at one learning rate: not selected among several
+        if v[0] not in (*GRID_LRS, "peft"):  # a baseline run at one learning rate: not selected among several
             title += " (one lr: " + ", ".join(sorted({f"{p.lr:g}" for p in some})) + ", not tuned)"
         counts = "/".join(sorted({f"{p.trainable:,}" for p in some if p.trainable})) or "—"
         lines.append(f"| {title} | {counts} | " + " | ".join(cells) + " |")
-    lines += ["", *verdicts(runs, tasks, unsettled)]
+    lines += ["", *verdicts(runs, tasks, unsettled), *anchors(runs, tasks)]
     return lines
+
+
+def anchors(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) -> list[str]:
+    """The correctness check per task: is lora_jax's LoRA median inside the PEFT+torch reference's seed range at
+    the same setting (same config, batches and learning rate)?"""
+    lines = []
+    for t in tasks:
+        ours, ref = runs.get((t, GRID_VARIANT["lora"])), runs.get((t, ("peft", *GRID_VARIANT["lora"][1:])))
+        if not ours or not ref:
+            continue
+        med = statistics.median(100 * p.best for p in ours)
+        lo, hi = min(100 * p.best for p in ref), max(100 * p.best for p in ref)
+        ok = lo <= med <= hi
+        note = f" (provisional: {len(ref)} PEFT seed(s), not 3)" if len(ref) < 3 else ""
+        lines.append(
+            f"- {TITLES[t]}: lora_jax LoRA inside the PEFT+torch seed range: **{'yes' if ok else 'no'}** — lora_jax "
+            f"{med:.1f} (n={len(ours)}), PEFT+torch {lo:.1f}–{hi:.1f} (n={len(ref)}){note}."
+        )
+    return ["", *lines] if lines else []
 
 
 def verdicts(

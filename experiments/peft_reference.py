@@ -188,7 +188,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import transformers
 
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    # The cores this process may use (taskset), capped by OMP_NUM_THREADS when set: a pinned background lane next
+    # to another run must not spread over both cores.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(min(cores, int(os.environ.get("OMP_NUM_THREADS", cores))))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = getattr(torch, cfg.model.dtype)
     autocast = lambda: torch.autocast(device.type, compute_dtype, enabled=compute_dtype != torch.float32)

@@ -17,8 +17,9 @@ from lr_selection import lr_selection_table, read_grid, selected, tuned_section 
 
 
 def fake_point(results: Path, task: str, method: str, lr: float, scores: list[float], finished: bool = True,
-               seed: int = 0, alpha: float = 8, trainable: int = 0):  # fmt: skip
-    folder = results / "glue_minilm_lrsel" / task / f"{method}_a{alpha:g}_seed{seed}_lr{lr:g}"
+               seed: int = 0, alpha: float = 8, trainable: int = 0, peft: bool = False):  # fmt: skip
+    name = f"{'peft_' if peft else ''}{method}_a{alpha:g}_seed{seed}_lr{lr:g}"
+    folder = results / "glue_minilm_lrsel" / task / name
     folder.mkdir(parents=True)
     cfg = {"task": task, "method": method, "seed": seed, "optim": {"lr": lr, "epochs": 4}}
     if method == "lora":
@@ -98,3 +99,24 @@ def test_a_baseline_at_one_rate_is_labelled_untuned_and_no_star_without_provisio
     assert baseline.startswith("| adapter_h (one lr: 0.002, not tuned) | 237,026 | 79.0")
     assert "| 222,338 | 81.0 <sub>n=3" in rows["| LoRA r=8 α=8 q,v (tuned lr)"]
     assert lines[-1].endswith("holds on MRPC -1.0 and fails on no task (LoRA − FT, points).")
+
+
+def test_peft_reference_runs_get_their_own_row_and_the_seed_range_check(tmp_path):
+    fake_point(tmp_path, "mrpc", "full", 5e-5, [0.7, 0.80, 0.75, 0.74])
+    for lr, best in ((1e-3, 0.78), (2e-3, 0.81)):
+        fake_point(tmp_path, "mrpc", "lora", lr, [0.7, 0.72, best, 0.77])
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.80, 0.7, 0.7], seed=1)
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.82, 0.7, 0.7], seed=2)
+    fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.99, 0.7, 0.7, 0.7], peft=True)  # better, but never selects
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.79, 0.7, 0.7], peft=True)
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.80, 0.7, 0.7], seed=1, peft=True)
+
+    assert selected(read_grid(tmp_path))[("mrpc", "lora")].lr == 2e-3
+    grid = lr_selection_table(tmp_path, tmp_path / "tables")
+    assert "99.0" not in grid and grid.count("| MRPC | LoRA") == 2
+    lines = tuned_section(tmp_path, tmp_path / "tables")
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
+    assert "81.0 <sub>n=3 80.0–82.0" in rows["| LoRA r=8 α=8 q,v (tuned lr)"]
+    assert "79.5 <sub>n=2 79.0–80.0" in rows["| PEFT+torch LoRA r=8 α=8 q,v (at LoRA's tuned lr)"]
+    check = next(line for line in lines if "PEFT+torch seed range" in line)
+    assert "**no** — lora_jax 81.0 (n=3), PEFT+torch 79.0–80.0 (n=2) (provisional: 2 PEFT seed(s), not 3)" in check
