@@ -71,9 +71,12 @@ def _our_rows(results_dir: Path, out_dir: Path, metrics: list[str]) -> list[str]
             scores = _best(summary)
             link = os.path.relpath(folder, out_dir)
             out_link = f"[{mrs}]({os.path.relpath(outputs, out_dir)})" if mrs else "-"
+            # Runs from before `generate.ngram_over_prompt` existed decoded with transformers' rule (MR included).
+            banned = "output" if config.get("generate", {}).get("ngram_over_prompt") is False else "MR + output"
             rows.append(
                 f"| {model} {_method(summary, config)} | {data} | {epochs} | {_count(summary.get('trainable_params'))} "
-                f"| {' | '.join(_score(m, scores[m]) for m in metrics)} | {out_link} | [{summary['run']}]({link}) |"
+                f"| {' | '.join(_score(m, scores[m]) for m in metrics)} | {banned} | {out_link} "
+                f"| [{summary['run']}]({link}) |"
             )
     return rows
 
@@ -108,15 +111,21 @@ def e2e_table(results_dir: Path, out_dir: Path, table3: dict[str, Any]) -> str:
         "",
         "## Ours",
         "",
-        f"| Model & method | training pairs | epochs | # trainable | {titles} | MRs scored (outputs) | run |",
-        "|---|---|---|---|" + "---|" * len(metrics) + "---|---|",
+        f"| Model & method | training pairs | epochs | # trainable | {titles} | 4-grams banned from² "
+        "| MRs scored (outputs) | run |",
+        "|---|---|---|---|" + "---|" * len(metrics) + "---|---|---|",
     ]
     ours = _our_rows(results_dir, out_dir, metrics)
     where = os.path.relpath(results_dir, out_dir.parent)
-    lines += ours or [f"| no E2E run under {where}/ yet |" + " |" * (len(metrics) + 5)]
+    lines += ours or [f"| no E2E run under {where}/ yet |" + " |" * (len(metrics) + 6)]
     lines += [
         "",
         "¹ " + " ".join(table3["params_note"].split()),
+        "",
+        "² Beam search's no-repeat-4-gram rule: the paper's decoder (microsoft/LoRA `gpt2_beam.py`) bans only 4-grams",
+        "the output itself repeats (`generate.ngram_over_prompt=false`, the default since the fourteenth session);",
+        "transformers' `generate` also bans the MR's, so a name of 4+ tokens cannot be copied whole (\"The Vaults\"",
+        "comes out as \"TheVaults\"). Rows marked \"MR + output\" were decoded that way.",
         "",
         "\\* numbers the paper takes from prior work. The paper's cells: " + " ".join(table3["source"].split()),
     ]

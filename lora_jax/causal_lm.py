@@ -49,7 +49,9 @@ class DecodeConfig:
 
     Defaults are Table 11's E2E column. `max_mrs` scores only the first MRs of the split (a quicker check on a CPU;
     null, the default, scores them all). `samples` decoded outputs go into the logs each epoch. `shots` training
-    pairs precede each MR in `fewshot`'s prompt.
+    pairs precede each MR in `fewshot`'s prompt. `ngram_over_prompt` false is the paper's decoder (microsoft/LoRA
+    gpt2_beam.py bans only n-grams the output itself repeats); true is transformers' rule, which also bans the
+    MR's n-grams and so forbids copying a name of 4+ tokens ("The Vaults" comes out as "TheVaults").
     """
 
     split: str = "test"
@@ -60,6 +62,7 @@ class DecodeConfig:
     max_mrs: int | None = None
     samples: int = 10
     shots: int = 3
+    ngram_over_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.split not in e2e.SPLIT_FILES:
@@ -123,6 +126,7 @@ def decoder(decode: DecodeConfig, eos: Sequence[int], pad: int):
             lm, params, batch["input_ids"], batch["attention_mask"], max_new_tokens=decode.max_new_tokens,
             eos_token_id=list(eos), pad_token_id=pad, num_beams=decode.num_beams,
             length_penalty=decode.length_penalty, no_repeat_ngram_size=decode.no_repeat_ngram_size,
+            ngram_over_prompt=decode.ngram_over_prompt,
         )  # fmt: skip
 
     return generate_batch

@@ -102,6 +102,49 @@ def test_greedy_matches_transformers(models, kind, ngram):
     assert (np.asarray(ours) == eos).any(axis=1).sum() >= 1
 
 
+def _greedy_banning_continuation_ngrams(model, ids, mask, n: int, steps: int) -> np.ndarray:
+    """The LoRA paper's rule (microsoft/LoRA gpt2_beam.py) written out: greedy, one unpadded prompt at a time, an
+    n-gram banned only when the continuation itself already holds it; the prompt's n-grams stay allowed."""
+    rows = []
+    for row, keep in zip(ids, mask, strict=True):
+        sequence, out = torch.tensor(row[keep == 1])[None], []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(sequence).logits[0, -1].clone()
+            for j in range(len(out) - n + 1):
+                if out[j : j + n - 1] == out[len(out) - (n - 1) :]:
+                    logits[out[j + n - 1]] = -float("inf")
+            out.append(int(logits.argmax()))
+            sequence = torch.cat([sequence, torch.tensor([[out[-1]]])], dim=1)
+        rows.append(out)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("ngram", [1, 2])
+def test_ngram_over_the_continuation_only_is_the_papers_rule(models, ngram):
+    model, lm, params = models("llama")
+    ids, mask = _prompts(2)
+    kw = dict(max_new_tokens=10, pad_token_id=PAD, no_repeat_ngram_size=ngram)
+    ours = np.asarray(decoding.generate(lm, params, ids, mask, ngram_over_prompt=False, **kw))
+    np.testing.assert_array_equal(ours, _greedy_banning_continuation_ngrams(model, ids, mask, ngram, 10))
+    if ngram == 1:  # banning the prompt's tokens too (transformers' rule) changes what comes out
+        assert (ours != np.asarray(decoding.generate(lm, params, ids, mask, **kw))).any()
+
+
+def test_ngram_blocking_counts_from_where_it_is_told():
+    # Prompt 5 6 7, continuation 8 5 6: after "5 6", token 7 would repeat the prompt's 3-gram (5 6 7) and no
+    # 3-gram of the continuation's own, so only `first` decides whether 7 is banned.
+    sequence = jnp.array([[5, 6, 7, 8, 5, 6, 0]])
+    scores = jnp.zeros((1, 10))
+    over_prompt = decoding._no_repeat_ngram(scores, sequence, jnp.int32(6), 3, first=0)
+    continuation = decoding._no_repeat_ngram(scores, sequence, jnp.int32(6), 3, first=3)
+    assert np.isinf(over_prompt[0, 7]) and np.isfinite(np.asarray(over_prompt)).sum() == 9
+    assert np.isfinite(np.asarray(continuation)).all()
+    repeated = jnp.array([[5, 6, 7, 8, 9, 8, 9, 0]])  # the continuation's own 8 9 -> 8 repeats: 8 is banned
+    blocked = decoding._no_repeat_ngram(scores, repeated, jnp.int32(7), 3, first=3)
+    assert np.isinf(blocked[0, 8]) and np.isfinite(np.asarray(blocked)).sum() == 9
+
+
 @pytest.mark.parametrize(
     "kind,beams,length_penalty,ngram,early_stopping",
     [  # the paper's E2E decoding (Table 11: length penalty 0.9, no-repeat-ngram 4 there) on both families

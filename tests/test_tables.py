@@ -133,8 +133,8 @@ def test_e2e_table_puts_the_paper_beside_our_labelled_runs_with_the_computed_cou
     baseline = folder.parent / "prefix_layer_lp10_li0_seed0"
     baseline.mkdir()
     (baseline / "summary.json").write_text(json.dumps({**summary, "run": baseline.name, "method": "prefix_layer"}))
-    (baseline / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2, "lr": 5e-3},
-                                                          "prefix": {"l_p": 10, "l_i": 0}}))  # fmt: skip
+    (baseline / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2, "lr": 5e-3}, "prefix": {"l_p": 10,
+                                                          "l_i": 0}, "generate": {"ngram_over_prompt": False}}))  # fmt: skip
     out = tmp_path / "tables"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path}", f"out={out}"],
                    check=True, capture_output=True)  # fmt: skip
@@ -145,7 +145,10 @@ def test_e2e_table_puts_the_paper_beside_our_labelled_runs_with_the_computed_cou
     assert any(line.startswith("| SmolLM2-135M PreLayer l_p=10 l_i=0, lr 0.005 | 2,000") for line in table.splitlines())
     # The best epoch's scores (x100 for BLEU, MET, ROUGE-L), the data it saw, links to its outputs and its folder.
     assert "LoRA r=4 α=32 on q,v, lr 0.0005 | 2,000 of 42,061 | 2 | 230,400 | 50.1 | 6.12 | 35.0 | 61.2 | 1.23 |" in row
-    assert "[3](../e2e_smollm2/e2e/lora_r4_a32_seed0/test_outputs.txt)" in row
+    # Which 4-grams beam search banned: a config from before the option decoded with the MR's too.
+    assert "| 1.23 | MR + output | [3](../e2e_smollm2/e2e/lora_r4_a32_seed0/test_outputs.txt)" in row
+    prelayer = next(line for line in table.splitlines() if line.startswith("| SmolLM2-135M PreLayer"))
+    assert "| 1.23 | output | - |" in prelayer
     assert "(../e2e_smollm2/e2e/lora_r4_a32_seed0)" in row and "different," in table
 
 

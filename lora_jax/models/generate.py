@@ -58,6 +58,7 @@ class Plan:
     num_beams: int
     no_repeat_ngram_size: int
     early_stopping: bool | str
+    ngram_over_prompt: bool = True
 
 
 def generate(
@@ -77,12 +78,15 @@ def generate(
     early_stopping: bool | str = False,
     no_repeat_ngram_size: int = 0,
     rng: jax.Array | None = None,
+    ngram_over_prompt: bool = True,
 ) -> jax.Array:
     """Continuations (batch, max_new_tokens); after a row's eos comes pad_token_id (default: the first eos).
 
     Arguments mean what they mean in transformers' `generate`; top_k=0 and top_p=1.0 switch those filters off.
     `rng` (a jax key) is needed with do_sample. num_beams > 1 returns the best beam (`beam_search` also gives
     its score). `params` may be a bank's `route(base, stack, adapter_ids)`: each prompt decodes with its adapter.
+    `ngram_over_prompt=False` bans only n-grams the continuation itself repeats, as the LoRA paper's decoder
+    (microsoft/LoRA gpt2_beam.py) does; transformers (the default, True) also bans copying the prompt's n-grams.
     """
     return _decode(**locals())[0]
 
@@ -99,6 +103,7 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    ngram_over_prompt: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """(best beam's tokens (batch, max_new_tokens), its score (batch,)): the score is transformers'
     `sequences_scores`, sum of log-probs / generated_length ** length_penalty."""
@@ -108,7 +113,7 @@ def beam_search(
 def _decode(
     lm, params, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=None, pad_token_id=None,
     do_sample=False, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, length_penalty=1.0, early_stopping=False,
-    no_repeat_ngram_size=0, rng=None,
+    no_repeat_ngram_size=0, rng=None, ngram_over_prompt=True,
 ):  # fmt: skip
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -120,7 +125,8 @@ def _decode(
         )
     eos = () if eos_token_id is None else tuple(int(e) for e in _as_list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    plan = Plan(max_new_tokens, eos, int(pad), do_sample, num_beams, int(no_repeat_ngram_size), early_stopping)
+    ngram = int(no_repeat_ngram_size)
+    plan = Plan(max_new_tokens, eos, int(pad), do_sample, num_beams, ngram, early_stopping, bool(ngram_over_prompt))
     key = jax.random.key(0) if rng is None else rng
     return _run(lm, plan, params, input_ids, mask, decode_knobs(temperature, top_k, top_p, length_penalty), key)
 
@@ -168,7 +174,7 @@ def _run(lm: CausalLM, plan: Plan, params, input_ids, attention_mask, knobs, key
     cache_mask = jnp.concatenate([attention_mask, jnp.ones((batch, plan.max_new_tokens), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     logits, cache = lm.logits(params, input_ids, positions, lm.init_cache(batch, total), cache_mask, 0)
-    # The whole sequence, prompt included, as transformers keeps it: no-repeat-ngram looks at the prompt too.
+    # The whole sequence, prompt included, as transformers keeps it (no-repeat-ngram may look at the prompt too).
     sequence = jnp.concatenate([input_ids, jnp.full((batch, plan.max_new_tokens), plan.pad, jnp.int32)], axis=1)
     cache_mask, positions = (jnp.repeat(x, plan.num_beams, axis=0) for x in (cache_mask, positions))
     step_params = repeat_rows(params, plan.num_beams)  # a mixed batch's adapters follow their prompts' beams
@@ -208,17 +214,24 @@ def search(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _no_repeat_ngram(scores: jax.Array, sequence: jax.Array, length: jax.Array, n: int) -> jax.Array:
-    """-inf for every token that would complete an n-gram already in sequence[:, :length] (rows, total)."""
+def _no_repeat_ngram(scores: jax.Array, sequence: jax.Array, length: jax.Array, n: int, first: int = 0) -> jax.Array:
+    """-inf for every token that would complete an n-gram already in sequence[:, first:length] (rows, total):
+    first=0 counts the prompt's n-grams too (transformers), first=prompt length the continuation's only."""
     if n <= 0:
         return scores
     rows, total = sequence.shape
     starts = jnp.arange(total - n + 1)
     windows = sequence[:, starts[:, None] + jnp.arange(n - 1)[None, :]]  # (rows, starts, n - 1)
     tail = jax.lax.dynamic_slice_in_dim(sequence, length - (n - 1), n - 1, axis=1)
-    seen = jnp.all(windows == tail[:, None, :], axis=-1) & (starts + n <= length)[None, :] & (length >= n)
+    counted = (starts >= first) & (starts + n <= length)
+    seen = jnp.all(windows == tail[:, None, :], axis=-1) & counted[None, :] & (length >= n)
     banned = jnp.zeros(scores.shape, bool).at[jnp.arange(rows)[:, None], sequence[:, starts + n - 1]].max(seen)
     return jnp.where(banned, -jnp.inf, scores)
+
+
+def _ngram_start(plan: Plan, prompt_len: int) -> int:
+    """Where counted n-grams may start: the (left-aligned) prompt's first slot, or the continuation's."""
+    return 0 if plan.ngram_over_prompt else prompt_len
 
 
 def _sample_filter(scores: jax.Array, knobs: Mapping[str, jax.Array]) -> jax.Array:
@@ -257,7 +270,7 @@ def _greedy_or_sample(plan: Plan, knobs, step, logits, cache, sequence, prompt_l
     def one_step(state):
         i, sequence, logits, cache, done, key = state
         length = prompt_len + i
-        scores = _no_repeat_ngram(logits, sequence, length, plan.no_repeat_ngram_size)
+        scores = _no_repeat_ngram(logits, sequence, length, plan.no_repeat_ngram_size, _ngram_start(plan, prompt_len))
         if plan.do_sample:
             key, draw = jax.random.split(key)
             token = jax.random.categorical(draw, _sample_filter(scores, knobs), axis=-1)
@@ -307,7 +320,8 @@ def _beams(plan: Plan, length_penalty, step, logits, cache, sequence, prompt_len
     def advance(state: Beams, logits, i) -> Beams:
         length = prompt_len + i
         rows = state.running.reshape(batch * k, total)
-        log_probs = _no_repeat_ngram(jax.nn.log_softmax(logits, axis=-1), rows, length, plan.no_repeat_ngram_size)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        log_probs = _no_repeat_ngram(log_probs, rows, length, plan.no_repeat_ngram_size, _ngram_start(plan, prompt_len))
         log_probs = log_probs.reshape(batch, k, -1) + state.running_scores[:, :, None]
         vocab = log_probs.shape[-1]
         top_scores, top_index = jax.lax.top_k(log_probs.reshape(batch, k * vocab), candidates)
