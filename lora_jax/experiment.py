@@ -84,8 +84,8 @@ def start_distributed(cluster: Mapping[str, Any]) -> None:
 def run(cfg: DictConfig, on_epoch: Callable[[int, float, dict], bool] | None = None) -> dict[str, Any]:
     """One fine-tuning run; `on_epoch` goes to `train` (the hook hyperparameter searches prune through)."""
     task, config, out_dir = _start(cfg)
-    module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)
-    causal, buckets, special = cfg.task in CAUSAL_TASKS, None, _special_tokens(cfg, model_config)
+    module, params, tokenizer, model_config, lora, hf_task = build_model(cfg, task)
+    causal, buckets, special = cfg.task in CAUSAL_TASKS, None, special_tokens(cfg, model_config)
     if causal:
         decode = decode_config(cfg)
         train_set, eval_sets, spec, buckets = causal_lm.e2e_datasets(cfg.data, decode, tokenizer, special)
@@ -126,7 +126,7 @@ def run_packed(cfgs: Sequence[DictConfig], exact_dropout: bool = False) -> list[
     task = started[0][0]
     runs, loaded = [], None
     for cfg, (_, config, out_dir) in zip(cfgs, started, strict=True):
-        module, params, tokenizer, model_config, lora, hf_task = _model(cfg, task)  # each seed its own head
+        module, params, tokenizer, model_config, lora, hf_task = build_model(cfg, task)  # each seed its own head
         loaded = loaded or (module, tokenizer, model_config, hf_task)
         export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
         runs.append(SweepRun(params, config, lora, out_dir, _loggers(cfg, out_dir), export))
@@ -176,8 +176,9 @@ def _start(cfg: DictConfig) -> tuple[Any, TrainConfig, Path]:
     return task, config, out_dir
 
 
-def _model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, str]:
-    """(module, params (LoRA-wrapped for method lora), tokenizer, model config, LoRA config, HF task)."""
+def build_model(cfg: DictConfig, task: Any) -> tuple[Any, Any, Any, Any, LoraConfig, str]:
+    """(module, params wrapped for cfg.method (LoRA, adapter or prefix leaves), tokenizer, model config, LoRA config,
+    HF task): what a run of this config trains, before training."""
     folder = model_folder(cfg.model.name_or_path)
     causal = cfg.task in CAUSAL_TASKS
     seq2seq = not causal and is_encoder_decoder(folder)
@@ -221,7 +222,7 @@ def _prefix_config(cfg: DictConfig) -> PrefixConfig:
     return PrefixConfig(**OmegaConf.to_container(cfg.prefix, resolve=True))
 
 
-def _special_tokens(cfg: DictConfig, model_config: Any) -> SpecialTokens | None:
+def special_tokens(cfg: DictConfig, model_config: Any) -> SpecialTokens | None:
     """Prefix tuning's special tokens, which the data side inserts (ids past the vocabulary); None otherwise."""
     if cfg.method not in PREFIX_METHODS:
         return None

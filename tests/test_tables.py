@@ -133,8 +133,9 @@ def test_e2e_table_puts_the_paper_beside_our_labelled_runs_with_the_computed_cou
     baseline = folder.parent / "prefix_layer_lp10_li0_seed0"
     baseline.mkdir()
     (baseline / "summary.json").write_text(json.dumps({**summary, "run": baseline.name, "method": "prefix_layer"}))
-    (baseline / "config.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 2, "lr": 5e-3}, "prefix": {"l_p": 10,
-                                                          "l_i": 0}, "generate": {"ngram_over_prompt": False}}))  # fmt: skip
+    baseline_config = {"optim": {"epochs": 2, "lr": 5e-3}, "prefix": {"l_p": 10, "l_i": 0},
+                       "generate": {"ngram_over_prompt": False}}  # fmt: skip
+    (baseline / "config.yaml").write_text(yaml.safe_dump(baseline_config))
     out = tmp_path / "tables"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "tables.py"), f"results_dir={tmp_path}", f"out={out}"],
                    check=True, capture_output=True)  # fmt: skip
