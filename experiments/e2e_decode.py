@@ -59,13 +59,14 @@ def main(cfg: DictConfig) -> None:
     trained_cfg = OmegaConf.load(trained_dir / "config.yaml")
     decode_cfg = OmegaConf.merge(trained_cfg, {"generate": cfg.generate, "run": cfg.run, "out_dir": cfg.out_dir})
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(decode_cfg))
-    if from_adapter:
+    if from_adapter:  # the base exactly as the run trained on it (a QLoRA run's quantized base too)
+        model = trained_cfg.model
         module, base, tokenizer, _ = from_pretrained(
-            model_folder(cfg.model.name_or_path), task="causal-lm", dtype=jnp.dtype(cfg.model.dtype),
-            param_dtype=jnp.dtype(cfg.model.param_dtype), quantize=cfg.model.get("quantize"),
-            quantize_embedding=bool(cfg.model.get("quantize_embedding", False)),
+            model_folder(model.name_or_path), task="causal-lm", dtype=jnp.dtype(model.dtype),
+            param_dtype=jnp.dtype(model.param_dtype), quantize=model.get("quantize"),
+            quantize_embedding=bool(model.get("quantize_embedding", False)),
         )  # fmt: skip
-        params, lora = load_adapter(trained_dir / "adapter", base)
+        params, _ = load_adapter(trained_dir / "adapter", base)
         special = None
     else:  # the run's own model, its trainable half from the best checkpoint
         module, params, tokenizer, model_config, lora, _ = build_model(trained_cfg, None)
@@ -93,7 +94,7 @@ def main(cfg: DictConfig) -> None:
         "history": [{"step": 0, "epoch": 0, **record}], "trainable_params": trained.get("trainable_params"),
         "lora": trained.get("lora"), "adapter": trained.get("adapter"), "mrs": len(grouped.mrs),
         "decoded_from": trained_dir.name, "train_rows": trained.get("train_rows"),
-        "model": model_name(cfg.model.name_or_path), "outputs": f"{decode.split}_outputs.txt",
+        "model": model_name(trained_cfg.model.name_or_path), "outputs": f"{decode.split}_outputs.txt",
         "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
