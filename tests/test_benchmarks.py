@@ -4,6 +4,7 @@ the report's target checks."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,24 @@ def test_table1_latency_quick_run_writes_every_variant(tmp_path):
     assert len(list(tmp_path.glob("table1_latency-*.json"))) == 1
     rows = [line for line in (tmp_path / "table1_latency.md").read_text().splitlines() if line.startswith("| 2 x 16")]
     assert len(rows) == 5
+
+
+def test_table1_keeps_each_settings_newest_run(tmp_path):
+    """Re-timing one setting replaces that setting's rows only; the table names the JSON each setting came from,
+    and a run on another device never fills a row."""
+    from benchmarks import table1_latency
+
+    first = table1_latency.main(["--quick", "--out", str(tmp_path)])
+    alien = json.loads((tmp_path / first["json"].rsplit("/", 1)[-1]).read_text())
+    alien |= {"device": "1 x TPU v9", "json": "alien.json", "settings": [dict(alien["settings"][0], batch=3)]}
+    (tmp_path / "table1_latency-00000000-000000.json").write_text(json.dumps(alien))
+    second = table1_latency.main(["--quick", "--settings", "1x8", "--out", str(tmp_path)])
+    text = (tmp_path / "table1_latency.md").read_text()
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line[:3] in ("| 1", "| 2", "| 3")]
+    assert rows == ["| 2 x 16"] * 5 + ["| 1 x 8"] * 5
+    assert "- 2 x 16: 3 forwards x 2 rounds" in text and first["json"] in text
+    assert "- 1 x 8: 3 forwards x 2 rounds" in text and second["json"] in text
+    assert "alien" not in text and "3 x 16" not in text
 
 
 # ---------------------------------------------------------------------------------------------------------------
