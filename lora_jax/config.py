@@ -202,6 +202,12 @@ def package_file(package: str, name: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / name)
 
 
+def text_plus_special(text_len: int, method: str, l_p: int, l_i: int) -> int:
+    """data.max_len that leaves `text_len` tokens for the text: a prefix method's l_p + l_i special tokens sit in
+    the same rows (lora_jax.data.prefix), so its rows widen by that many; every other method's rows do not."""
+    return int(text_len) + (int(l_p) + int(l_i) if method in PREFIX_METHODS else 0)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("package_model", package_model, replace=True)
     OmegaConf.register_new_resolver("package_file", package_file, replace=True)
@@ -210,6 +216,7 @@ def register_resolvers() -> None:
     budget = lambda total, targets: max(1, int(total) // len(targets))  # noqa: E731
     OmegaConf.register_new_resolver("budget_rank", budget, replace=True)
     OmegaConf.register_new_resolver("join", lambda items: "".join(str(i) for i in items), replace=True)
+    OmegaConf.register_new_resolver("text_plus_special", text_plus_special, replace=True)
 
 
 def model_folder(name_or_path: str) -> str:

@@ -172,3 +172,19 @@ def test_train_examples_is_a_seeded_subset_in_the_original_order():
     assert np.array_equal(a, b) and not np.array_equal(a, other)
     assert np.array_equal(subset_indices(20, 50, 0), np.arange(20))
     assert np.array_equal(subset_indices(20, None, 3), np.arange(20))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "max_len"),
+    [
+        (["method=lora", "lora.r=64"], 128),
+        (["method=adapter_h", "adapter.r=256"], 128),
+        (["method=prefix_embed", "prefix.l_p=256"], 384),
+        (["method=prefix_layer", "prefix.l_p=8", "prefix.l_i=4"], 140),
+    ],
+)
+def test_figure2_gives_every_method_128_text_tokens(overrides, max_len):
+    """scaling_minilm: a prefix method's special tokens share the row with the text (data/prefix.py), so its rows
+    widen by l_p + l_i; at a fixed 128, l_p=256 left no room and failed at load."""
+    cfg = compose("+exp=scaling_minilm", *overrides)
+    assert cfg.data.max_len == max_len
