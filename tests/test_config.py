@@ -183,8 +183,8 @@ def test_train_examples_is_a_seeded_subset_in_the_original_order():
         (["method=prefix_layer", "prefix.l_p=8", "prefix.l_i=4"], 140),
     ],
 )
-def test_figure2_gives_every_method_128_text_tokens(overrides, max_len):
+def test_figure2_and_glue_fidelity_give_every_method_128_text_tokens(overrides, max_len):
     """scaling_minilm: a prefix method's special tokens share the row with the text (data/prefix.py), so its rows
     widen by l_p + l_i; at a fixed 128, l_p=256 left no room and failed at load."""
-    cfg = compose("+exp=scaling_minilm", *overrides)
-    assert cfg.data.max_len == max_len
+    for exp in ("scaling_minilm", "glue_minilm_lrsel"):
+        assert compose(f"+exp={exp}", *overrides).data.max_len == max_len
