@@ -23,6 +23,7 @@ METHODS = {"lora": "LoRA r=8 α=8 W_q,W_v", "full": "full FT"}
 GRID_VARIANT = {"lora": ("lora", 8, 8.0, ("q", "v")), "full": ("full",)}  # what the grid is run with, per method
 GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # results/glue_minilm_lrsel/COMMANDS.md
 WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
+PLATEAU = 0.25  # points: a last-epoch best this close to an earlier epoch is a plateau (one MRPC dev row: 0.245)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ class GridPoint:
     @property
     def best(self) -> float:
         return self.scores[self.best_epoch]
+
+    @property
+    def epoch_mark(self) -> str:
+        """⚠ when the best epoch is the last and clearly above every earlier one (still rising: may be
+        under-trained), ≈ when it is the last but within PLATEAU of an earlier one, else nothing."""
+        if len(self.scores) < 2 or self.best_epoch != len(self.scores) - 1:
+            return ""
+        return "⚠" if 100 * (self.best - max(self.scores[:-1])) >= PLATEAU else "≈"
 
 
 def read_grid(results_dir: Path, exp: str = "glue_minilm_lrsel") -> list[GridPoint]:
@@ -104,7 +113,9 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
         "all-MiniLM-L6-v2, offline GLUE dev, `+exp=glue_minilm_lrsel` (10 epochs, batch 16, warmup 6%, weight decay",
         "0.1, max_len 128). Cell: best epoch's dev metric x100 (MRPC/RTE accuracy, STS-B Pearson), the epoch it came",
         "at (1-based) of those run; **bold** = the learning rate selected for the method. A best epoch equal to the",
-        "last one (⚠) means the run may be under-trained. Runs still training are marked and never selected.",
+        f"last one and {PLATEAU} points or more above every earlier epoch (⚠) means the run may be under-trained; ≈",
+        "marks a last-epoch best within that of an earlier epoch (a plateau). Runs still training are marked and never",
+        "selected.",
         f"How the runs were made: [COMMANDS.md]({commands}).",
         "",
         "| task | method | lr | best dev | best epoch / run | status |",
@@ -114,7 +125,7 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
         score = f"{100 * p.best:.1f}"
         if chosen.get((p.task, p.method)) is p and p.method in GRID_LRS:
             score = f"**{score}**"
-        last = " ⚠" if p.finished and p.best_epoch == len(p.scores) - 1 else ""
+        last = f" {p.epoch_mark}" if p.finished and p.epoch_mark else ""
         status = "finished" if p.finished else f"training ({len(p.scores)}/{p.epochs} epochs)"
         link = f"[{p.lr:g}]({os.path.relpath(p.folder, out_dir)})"
         lines.append(f"| {TITLES.get(p.task, p.task)} | {METHODS.get(p.method, p.method)} | {link} | {score} | "
@@ -162,7 +173,7 @@ def _cell(runs: list[GridPoint], out_dir: Path) -> str:
     scores = [100 * p.best for p in runs]
     links = " ".join(f"[{p.seed}]({os.path.relpath(p.folder, out_dir)})" for p in runs)
     spread = f" {min(scores):.1f}–{max(scores):.1f}" if len(runs) > 1 else ""
-    epochs = ",".join(str(p.best_epoch + 1) + ("⚠" if p.best_epoch == len(p.scores) - 1 else "") for p in runs)
+    epochs = ",".join(f"{p.best_epoch + 1}{p.epoch_mark}" for p in runs)
     return f"{statistics.median(scores):.1f} <sub>n={len(runs)}{spread}, best ep {epochs} {links}</sub>"
 
 
@@ -184,11 +195,15 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
         "",
         "`+exp=glue_minilm_lrsel`: the learning rate of each method selected on seed 0 "
         "([glue_lr_selection.md](glue_lr_selection.md)), then seeds at that rate. Cell: median over seeds of the",
-        "best epoch's dev metric x100, n = seeds, min–max, each seed's best epoch (⚠ = the last of 10), links to the",
-        "runs. Selected: " + "; ".join(
+        "best epoch's dev metric x100, n = seeds, min–max, each seed's best epoch (⚠ = the last of 10 and still",
+        f"rising, ≈ = the last of 10 but within {PLATEAU} points of an earlier epoch), links to the runs.",
+        "Selected: "
+        + "; ".join(
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} {p.lr:g}" + (" (grid unfinished)" if (t, m) in unsettled else "")
-            for (t, m), p in sorted(chosen.items()) if m in GRID_LRS
-        ) + ".",  # fmt: skip
+            for (t, m), p in sorted(chosen.items())
+            if m in GRID_LRS
+        )
+        + ".",
         "",
         "| method | trainable | " + " | ".join(TITLES[t] for t in tasks) + " |",
         "|" + "---|" * (len(tasks) + 2),

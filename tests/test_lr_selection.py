@@ -38,6 +38,7 @@ def test_selection_picks_the_best_finished_point_and_flags_a_last_epoch_best(tmp
     fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.72, 0.80, 0.79, 0.78])
     fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.81, 0.90], finished=False)  # better, but still training
     fake_point(tmp_path, "stsb", "full", 2e-5, [0.85, 0.87, 0.86, 0.86])
+    fake_point(tmp_path, "stsb", "full", 5e-5, [0.80, 0.85, 0.862, 0.864])  # last, but a plateau (+0.2 points)
 
     points = read_grid(tmp_path)
     chosen = selected(points)
@@ -49,6 +50,7 @@ def test_selection_picks_the_best_finished_point_and_flags_a_last_epoch_best(tmp
     assert "77.0 | 4 ⚠ / 4 | finished" in rows[0]
     assert "**80.0** | 2 / 4 | finished" in rows[1]
     assert "90.0 | 2 / 2 | training (2/4 epochs)" in rows[2] and "**" not in rows[2]
+    assert "86.4 | 4 ≈ / 4 | finished" in table  # within PLATEAU of epoch 3: not flagged as under-trained
     assert ("MRPC LoRA r=8 α=8 W_q,W_v lr 0.001 (80.0), provisional: 1 still training; "
             "STS-B full FT lr 2e-05 (87.0).") in table
 
