@@ -22,6 +22,7 @@ TITLES = {"mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "sst2":
 METHODS = {"lora": "LoRA r=8 α=8 W_q,W_v", "full": "full FT"}
 GRID_VARIANT = {"lora": ("lora", 8, 8.0, ("q", "v")), "full": ("full",)}  # what the grid is run with, per method
 GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # results/glue_minilm_lrsel/COMMANDS.md
+GRID_TASKS = ("mrpc", "rte", "stsb")  # where each method's rate is selected; other tasks borrow (`borrowed_rates`)
 WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
 PLATEAU = 0.25  # points: a last-epoch best this close to an earlier epoch is a plateau (one MRPC dev row: 0.245)
 
@@ -90,7 +91,7 @@ def _variant(cfg: dict, folder_name: str) -> tuple:
 
 def _is_grid(p: GridPoint) -> bool:
     """Seed 0 of the method's grid setting (LoRA r=8 alpha=8 on q, v): what selects the learning rate."""
-    return p.seed == 0 and p.variant == GRID_VARIANT.get(p.method, (p.method,))
+    return p.task in GRID_TASKS and p.seed == 0 and p.variant == GRID_VARIANT.get(p.method, (p.method,))
 
 
 def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
@@ -101,6 +102,15 @@ def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
         if p.finished and (key not in best or p.best > best[key].best):
             best[key] = p
     return best
+
+
+def borrowed_rates(chosen: dict[tuple[str, str], GridPoint]) -> dict[str, float]:
+    """Per method, the rate a task without a grid of its own (CoLA, SST-2) runs at: the middle (lower middle) of
+    the rates selected on the grid tasks, so it is always a rate that was run and selected somewhere."""
+    rates: dict[str, list[float]] = {}
+    for (_, method), p in sorted(chosen.items()):
+        rates.setdefault(method, []).append(p.lr)
+    return {m: statistics.median_low(lrs) for m, lrs in rates.items() if m in GRID_LRS}
 
 
 def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
@@ -161,10 +171,12 @@ def _variant_title(variant: tuple) -> str:
 def tuned_runs(points: list[GridPoint]) -> dict[tuple[str, tuple], list[GridPoint]]:
     """(task, variant) -> the finished runs (one per seed) at the learning rate selected for the variant's method."""
     chosen = selected(points)
+    shared = borrowed_rates(chosen)
     runs: dict[tuple[str, tuple], list[GridPoint]] = {}
     for p in points:
-        pick = chosen.get((p.task, p.method))
-        if p.finished and pick is not None and p.lr == pick.lr:
+        pick = chosen[(p.task, p.method)].lr if (p.task, p.method) in chosen else None
+        rate = pick if p.task in GRID_TASKS else shared.get(p.method)
+        if p.finished and rate is not None and p.lr == rate:
             runs.setdefault((p.task, p.variant), []).append(p)
     return {k: sorted(v, key=lambda p: p.seed) for k, v in runs.items()}
 
@@ -190,6 +202,9 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
     chosen = selected(points)
     finished = {(p.task, p.method, p.lr) for p in points if _is_grid(p) and p.finished}
     unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in GRID_LRS.get(k[1], ()))}
+    shared = borrowed_rates(chosen)
+    others = [TITLES[t] for t in tasks if t not in GRID_TASKS]
+    unsettled |= {(t, m) for t in tasks if t not in GRID_TASKS for m in shared if any(k[1] == m for k in unsettled)}
     lines = [
         "## Tuned protocol: each method at its own learning rate, 10 epochs, best epoch on dev",
         "",
@@ -202,6 +217,12 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} {p.lr:g}" + (" (grid unfinished)" if (t, m) in unsettled else "")
             for (t, m), p in sorted(chosen.items())
             if m in GRID_LRS
+        )
+        + (
+            f"; {', '.join(others)} (no grid of their own): the middle of each method's selected rates, "
+            + ", ".join(f"{METHODS.get(m, m)} {lr:g}" for m, lr in sorted(shared.items()))
+            if others
+            else ""
         )
         + ".",
         "",

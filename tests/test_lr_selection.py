@@ -122,3 +122,25 @@ def test_peft_reference_runs_get_their_own_row_and_the_seed_range_check(tmp_path
     assert "79.5 <sub>n=2 79.0–80.0" in rows["| PEFT+torch LoRA r=8 α=8 q,v (at LoRA's tuned lr)"]
     check = next(line for line in lines if "PEFT+torch seed range" in line)
     assert "**no** — lora_jax 81.0 (n=3), PEFT+torch 79.0–80.0 (n=2) (provisional: 2 PEFT seed(s), not 3)" in check
+
+
+def test_cola_borrows_the_middle_of_each_methods_selected_rates(tmp_path):
+    """CoLA has no grid of its own: its seeds count at the middle of the rates MRPC, RTE and STS-B selected, a
+    CoLA run at any other rate does not, and no CoLA run ever appears in (or selects from) the grid table."""
+    for task, ft_lr, lora_lr in (("mrpc", 5e-5, 2e-3), ("rte", 2e-5, 1e-3), ("stsb", 1e-4, 1e-3)):
+        for lr in (2e-5, 5e-5, 1e-4):
+            fake_point(tmp_path, task, "full", lr, [0.7, 0.9 if lr == ft_lr else 0.8])
+        for lr in (5e-4, 1e-3, 2e-3, 4e-3):
+            fake_point(tmp_path, task, "lora", lr, [0.7, 0.9 if lr == lora_lr else 0.8])
+    for seed in (0, 1, 2):
+        fake_point(tmp_path, "cola", "full", 5e-5, [0.50, 0.55 + seed / 100], seed=seed)
+        fake_point(tmp_path, "cola", "lora", 1e-3, [0.50, 0.52 + seed / 100], seed=seed)
+    fake_point(tmp_path, "cola", "lora", 2e-3, [0.99, 0.99])  # not the borrowed rate: ignored
+
+    assert ("cola", "lora") not in selected(read_grid(tmp_path))
+    assert "CoLA" not in lr_selection_table(tmp_path, tmp_path / "tables")
+    lines = tuned_section(tmp_path, tmp_path / "tables")
+    assert any("CoLA (no grid of their own): the middle of each method's selected rates, full FT 5e-05, "
+               "LoRA r=8 α=8 W_q,W_v 0.001." in line for line in lines)  # fmt: skip
+    cola = next(line for line in lines if line.startswith("- CoLA"))
+    assert "**no** — gap -3.0 (LoRA 53.0, n=3, range 52.0–54.0; FT 56.0, n=3, range 55.0–57.0)." in cola
