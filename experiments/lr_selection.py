@@ -233,7 +233,10 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
         cells = [_cell(runs[(t, v)], out_dir) if (t, v) in runs else "no run" for t in tasks]
         some = [p for t in tasks for p in runs.get((t, v), [])]
         title = _variant_title(v)
-        if v[0] not in (*GRID_LRS, "peft"):  # a baseline run at one learning rate: not selected among several
+        tried = sorted({p.lr for p in points if _is_grid(p) and p.variant == v and p.finished})
+        if v[0] not in (*GRID_LRS, "peft") and len(tried) > 1:  # a baseline with a grid of its own
+            title += " (lr per task selected on seed 0 among " + ", ".join(f"{lr:g}" for lr in tried) + ")"
+        elif v[0] not in (*GRID_LRS, "peft"):  # a baseline run at one learning rate: not selected among several
             title += " (one lr: " + ", ".join(sorted({f"{p.lr:g}" for p in some})) + ", not tuned)"
         counts = "/".join(sorted({f"{p.trainable:,}" for p in some if p.trainable})) or "—"
         lines.append(f"| {title} | {counts} | " + " | ".join(cells) + " |")

@@ -144,3 +144,13 @@ def test_cola_borrows_the_middle_of_each_methods_selected_rates(tmp_path):
                "LoRA r=8 α=8 W_q,W_v 0.001." in line for line in lines)  # fmt: skip
     cola = next(line for line in lines if line.startswith("- CoLA"))
     assert "**no** — gap -3.0 (LoRA 53.0, n=3, range 52.0–54.0; FT 56.0, n=3, range 55.0–57.0)." in cola
+
+
+def test_a_baseline_with_a_grid_of_its_own_says_its_rate_was_selected(tmp_path):
+    for lr, best in ((1e-3, 0.80), (2e-3, 0.84), (4e-3, 0.78)):
+        fake_point(tmp_path, "mrpc", "adapter_h", lr, [0.7, best])
+    fake_point(tmp_path, "mrpc", "adapter_h", 2e-3, [0.7, 0.82], seed=1)
+    fake_point(tmp_path, "mrpc", "adapter_h", 4e-3, [0.7, 0.99], seed=1)  # not the selected rate: not a seed
+    rows = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("| adapter_h")]
+    title = "| adapter_h (lr per task selected on seed 0 among 0.001, 0.002, 0.004)"
+    assert rows[0].startswith(f"{title} | — | 83.0 <sub>n=2")
