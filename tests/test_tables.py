@@ -178,3 +178,40 @@ def test_scaling_figure_lists_each_method_by_size_and_draws_one_curve_each(tmp_p
     assert rows[2].startswith("| PrefixEmbed | l_p+l_i=32 | 12,288 | STS-B | 70.0")
     assert (out / "figure2_scaling.png").stat().st_size > 1000
     assert "no run yet" in scaling_figure(tmp_path / "empty", out)
+
+
+def test_e2e_table_compares_methods_only_on_the_same_decoding_rule_and_mrs(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from nlg_tables import e2e_table
+    from tables import paper_numbers
+
+    def fake(run: str, method: str, bleu: float, trainable: int, mrs: int, paper_rule: bool, extra: dict) -> None:
+        folder = tmp_path / "e2e_smollm2" / "e2e" / run
+        folder.mkdir(parents=True)
+        scores = {"BLEU": bleu, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.7, "CIDEr": 2.5}
+        summary = {"exp": "e2e_smollm2", "task": "e2e", "run": run, "seed": 0, "method": method, "best": bleu,
+                   "main_metric": "BLEU", "best_epoch": 0, "trainable_params": trainable, "train_rows": 2000,
+                   "history": [{"epoch": 0, **scores}]}  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+        config = {"optim": {"epochs": 1, "lr": 5e-4}, "generate": {"ngram_over_prompt": not paper_rule}, **extra}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "test_outputs.txt").write_text("x\n" * mrs)
+
+    lora = {"lora": {"r": 4, "alpha": 32, "targets": ["q", "v"]}}
+    fake("lora_r4", "lora", 0.70, 230_400, 100, True, lora)
+    fake("lora_r8_all", "lora", 0.74, 2_442_240, 100, True, {"lora": {**lora["lora"], "r": 8}})
+    fake("adapter_h_r4", "adapter_h", 0.72, 346_416, 100, True, {"adapter": {"r": 4}})
+    fake("ft_top2", "ft_top2", 0.60, 7_080_192, 100, True, {})
+    fake("full_all", "full", 0.80, 134_515_008, 630, True, {})  # all 630 MRs: another footing
+    fake("adapter_h_old", "adapter_h", 0.90, 346_416, 100, False, {"adapter": {"r": 4}})  # transformers' rule
+    table = e2e_table(tmp_path, tmp_path / "tables", paper_numbers()["table3"])
+    same, other = table.split("## Ours, other decodes")
+    assert "first 100 test MRs" in same and "full_all" not in same and "adapter_h_old" not in same
+    assert "full_all" in other and "adapter_h_old" in other
+    names = [line.split(" | ")[0] for line in same.splitlines() if line.startswith("| SmolLM2")]
+    assert [n.split(",")[0].removeprefix("| SmolLM2-135M ") for n in names] == [
+        "FT^Top2", "Adapter^H r=4", "LoRA r=4 α=32 on q", "LoRA r=8 α=32 on q"]
+    # The verdict is computed: LoRA's best (74.0) leads; its smallest row (70.0, 230,400) trails Adapter^H (72.0).
+    assert "LoRA 74.0 (2,442,240) against FT^Top2 60.0 (7,080,192), Adapter^H 72.0 (346,416)" in same
+    assert "LoRA's is the highest" in same
+    assert "BLEU 70.0) against the methods that train at least as many: behind Adapter^H 72.0 (346,416)." in same
