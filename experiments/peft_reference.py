@@ -37,7 +37,7 @@ from lora_jax.experiment import git_commit
 from lora_jax.logging import JsonlLogger
 from lora_jax.lora import LoraConfig
 from lora_jax.models.hub import load_tokenizer, resolve
-from lora_jax.train import TrainingDiverged
+from lora_jax.runbook import TrainingDiverged
 from lora_jax.tree import matches_leaf
 
 # Placed before the user's overrides (a later one wins): results, and Hydra's own files, go to peft_<run>, so a

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from lora_jax.config import register_resolvers, store_schemas
 from lora_jax.experiment import run
 from lora_jax.lora import LoraError
-from lora_jax.train import TrainingDiverged
+from lora_jax.runbook import TrainingDiverged
 
 register_resolvers()
 store_schemas(ConfigStore.instance())  # conf/<group>/*.yaml extend these: `defaults: [schema, _self_]`

@@ -32,7 +32,7 @@ from run import run  # noqa: E402
 from search_space import parse_search_space, suggest_optuna, with_overrides  # noqa: E402
 
 from lora_jax.data import task_from_config  # noqa: E402
-from lora_jax.train import TrainingDiverged  # noqa: E402
+from lora_jax.runbook import TrainingDiverged  # noqa: E402
 
 
 def make_pruner(tune: DictConfig) -> optuna.pruners.BasePruner:

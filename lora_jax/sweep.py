@@ -38,18 +38,9 @@ from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf
 from lora_jax.methods import count_params, partition, trainable_mask, unpartition
 from lora_jax.objective import linear_schedule, make_loss, make_optimizer
 from lora_jax.packed import masked_update
+from lora_jax.runbook import RunBook, batch_tokens, best_params, eval_and_checkpoint
 from lora_jax.sharding import make_mesh
-from lora_jax.train import (
-    EvalSpec,
-    Prepared,
-    RunBook,
-    TrainConfig,
-    TrainState,
-    batch_tokens,
-    best_params,
-    eval_and_checkpoint,
-    make_steps,
-)
+from lora_jax.train import EvalSpec, Prepared, TrainConfig, TrainState, make_steps
 from lora_jax.tree import Params, leaf_paths, map_with_path
 
 

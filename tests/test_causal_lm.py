@@ -13,8 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from lora_jax import causal_lm
-from lora_jax import train as lora_train
+from lora_jax import causal_lm, runbook
 from lora_jax.data import e2e
 from lora_jax.data.nlg_metrics import METRICS
 from lora_jax.logging import read_jsonl
@@ -173,9 +172,9 @@ def test_a_run_killed_during_its_beam_search_eval_resumes_the_decode(decoders, e
     config = _config(epochs=1, eval_batch_size=2)  # 4 test MRs: 2 decoded batches
     straight = train(module, _copy(params), train_set, eval_sets, spec, config, tmp_path / "straight", lora,
                      buckets=buckets)  # fmt: skip
-    assert not (tmp_path / "straight" / lora_train.EVAL_BATCHES).exists()  # removed once the epoch is saved
+    assert not (tmp_path / "straight" / runbook.EVAL_BATCHES).exists()  # removed once the epoch is saved
 
-    to_host, fetched = lora_train._to_host, []
+    to_host, fetched = runbook._to_host, []
 
     def killed_on_the_second_batch(x):
         if len(fetched) == 1:
@@ -183,14 +182,14 @@ def test_a_run_killed_during_its_beam_search_eval_resumes_the_decode(decoders, e
         fetched.append(1)
         return to_host(x)
 
-    monkeypatch.setattr(lora_train, "_to_host", killed_on_the_second_batch)
+    monkeypatch.setattr(runbook, "_to_host", killed_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         train(module, _copy(params), train_set, eval_sets, spec, config, tmp_path / "run", lora, buckets=buckets)
-    kept = list((tmp_path / "run" / lora_train.EVAL_BATCHES).glob("*/*.npy"))
+    kept = list((tmp_path / "run" / runbook.EVAL_BATCHES).glob("*/*.npy"))
     assert [k.name for k in kept] == ["00000.npy"]
 
     fetched.clear()
-    monkeypatch.setattr(lora_train, "_to_host", lambda x: fetched.append(1) or to_host(x))
+    monkeypatch.setattr(runbook, "_to_host", lambda x: fetched.append(1) or to_host(x))
     resumed = train(module, _copy(params), train_set, eval_sets, spec, config, tmp_path / "run", lora,
                     buckets=buckets)  # fmt: skip
     assert len(fetched) == 1  # the same params (same step, same digest): only the second batch was decoded
@@ -198,7 +197,7 @@ def test_a_run_killed_during_its_beam_search_eval_resumes_the_decode(decoders, e
     assert (tmp_path / "run" / "decoded" / "test_epoch0.txt").read_text() == (
         tmp_path / "straight" / "decoded" / "test_epoch0.txt"
     ).read_text()
-    assert not (tmp_path / "run" / lora_train.EVAL_BATCHES).exists()
+    assert not (tmp_path / "run" / runbook.EVAL_BATCHES).exists()
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ class Killed(Exception):
 
 
 def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeypatch):
-    from lora_jax import train
+    from lora_jax import runbook
     from lora_jax.experiment import run_packed
 
     with pytest.raises(ValueError, match=r"may vary only seed, optim.lr, lora.r, lora.alpha; .*'optim.batch_size'"):
@@ -104,7 +104,7 @@ def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeyp
     # Killed right after every run's periodic save at step 4: the sweep resumes there and ends where an
     # uninterrupted one does. (optim.max_steps=4 is no kill: it sets a 4-step lr schedule and evaluates at step 4.)
     whole = run_packed(configs(tiny_bert, tiny_glue, tmp_path / "whole", "optim.epochs=1"))
-    save, saved = train.RunBook.save_latest, []
+    save, saved = runbook.RunBook.save_latest, []
 
     def save_then_die(self, state, step):
         save(self, state, step)
@@ -113,7 +113,7 @@ def test_resuming_mid_sweep_and_refusals(tiny_bert, tiny_glue, tmp_path, monkeyp
             raise Killed
 
     with monkeypatch.context() as patch, pytest.raises(Killed):
-        patch.setattr(train.RunBook, "save_latest", save_then_die)
+        patch.setattr(runbook.RunBook, "save_latest", save_then_die)
         run_packed(configs(tiny_bert, tiny_glue, tmp_path / "cut", "optim.epochs=1"))
     for folder in folders(tmp_path / "cut").values():
         assert [p.name for p in (folder / "checkpoints" / "latest").iterdir() if p.name.isdigit()] == ["4"]

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import train as train_module
 from lora_jax.logging import read_jsonl
+from lora_jax.runbook import RunBook
 from tests.conftest import save_tiny_bert, write_tiny_mrpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +47,13 @@ def test_max_steps_and_an_epoch_end_on_save_steps_finish_cleanly(tiny_bert, tiny
     from lora_jax.experiment import run
 
     reads = []
-    original = train_module.RunBook.read_losses
+    original = RunBook.read_losses
 
     def counting(self, schedule, config):
         reads.append(len(self.pending))
         original(self, schedule, config)
 
-    monkeypatch.setattr(train_module.RunBook, "read_losses", counting)
+    monkeypatch.setattr(RunBook, "read_losses", counting)
     out = tmp_path / "run"
     summary = run(run_config(tiny_bert, tiny_glue, out, "optim.epochs=3", "optim.max_steps=9",
                              "optim.save_every_steps=3", "optim.log_every=3"))  # fmt: skip
