@@ -8,6 +8,7 @@ reproduction.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ PAPER_MODELS = {"gpt2_medium": "GPT-2 M", "gpt2_large": "GPT-2 L"}
 METRIC_TITLES = {"BLEU": "BLEU", "NIST": "NIST", "METEOR": "MET", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the paper prints these x100, the scorer 0..1
 FULL_TRAIN_ROWS = 42_061
+BOOTSTRAP_FILE = "bleu_bootstrap.json"  # experiments/e2e_bootstrap.py writes it under results/<exp>/
 
 
 PAPER_METHODS = {"lora": "LoRA", "ft": "FT", "full": "FT", "adapter_l": "Adapter^L", "adapter_h": "Adapter^H",
@@ -59,7 +61,7 @@ METHOD_ORDER = ("full", "ft_top2", "adapter_l", "adapter_h", "adapter_p", "adapt
                 "bitfit", "lora", "fewshot")  # the paper's row order, then the floor
 
 
-def _our_runs(results_dir: Path, out_dir: Path, metrics: list[str]) -> list[dict[str, Any]]:
+def our_runs(results_dir: Path, out_dir: Path, metrics: list[str]) -> list[dict[str, Any]]:
     """Each finished E2E run as its table row, with what decides whether two rows are comparable."""
     import yaml
 
@@ -80,16 +82,33 @@ def _our_runs(results_dir: Path, out_dir: Path, metrics: list[str]) -> list[dict
             banned = "output" if config.get("generate", {}).get("ngram_over_prompt") is False else "MR + output"
             name = f"{model} {_method(summary, config)}"
             runs.append({
-                "name": name, "method": summary["method"], "model": model, "mrs": mrs, "banned": banned,
+                "name": name, "run": summary["run"], "exp": exp, "outputs": str(outputs), "method": summary["method"],
+                "model": model, "mrs": mrs, "banned": banned,
                 "bleu": scores["BLEU"], "trainable": summary.get("trainable_params"),
-                "row": f"| {name} | {data} | {epochs} | {_count(summary.get('trainable_params'))} "
-                       f"| {' | '.join(_score(m, scores[m]) for m in metrics)} | {banned} | {out_link} "
-                       f"| [{summary['run']}]({link}) |",
+                "head": f"| {name} | {data} | {epochs} | {_count(summary.get('trainable_params'))} ",
+                "scores": {m: _score(m, scores[m]) for m in metrics},
+                "tail": f"| {banned} | {out_link} | [{summary['run']}]({link}) |",
             })  # fmt: skip
     return runs
 
 
-def _same_footing(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], tuple[str, int] | None]:
+def _line(run: dict[str, Any], interval: float | None = None) -> str:
+    """The run's table row; `interval`: BLEU's 95% bootstrap half-width, printed beside it as the paper prints its ±."""
+    plus = "" if interval is None else f" ±{interval:.1f}"
+    cells = [v + plus if m == "BLEU" else v for m, v in run["scores"].items()]
+    return f"{run['head']}| {' | '.join(cells)} {run['tail']}"
+
+
+def _bootstrap(results_dir: Path, exp: str, mrs: int) -> dict[str, Any] | None:
+    """experiments/e2e_bootstrap.py's file for these MRs, if it was run."""
+    path = results_dir / exp / BOOTSTRAP_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("mrs") == mrs else None
+
+
+def same_footing(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], tuple[str, int] | None]:
     """The largest set of runs decoded under the paper's rule on the same number of test MRs (the first N).
 
     Only these rows compare methods: the decoding rule alone moved BLEU by about 10 points, and the first 100 MRs score
@@ -107,9 +126,10 @@ def _same_footing(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], tup
     return chosen, key
 
 
-def _verdict(rows: list[dict[str, Any]]) -> str:
+def _verdict(rows: list[dict[str, Any]], p_values: dict[str, dict[str, float]], covered: set[str]) -> str:
     """The paper's Table 3 claim on our comparable rows: LoRA's best BLEU against every other method's, and its smallest
-    row against the baselines that train at least as many parameters (the paper's comparison is at a budget)."""
+    row against the baselines that train at least as many parameters (the paper's comparison is at a budget), each
+    with its paired-bootstrap p-value where experiments/e2e_bootstrap.py has covered both rows."""
     best: dict[str, dict[str, Any]] = {}
     for run in rows:
         if run["method"] not in best or run["bleu"] > best[run["method"]]["bleu"]:
@@ -120,21 +140,26 @@ def _verdict(rows: list[dict[str, Any]]) -> str:
     top = best.pop("lora")
     best.pop("fewshot", None)
 
-    def cell(r: dict[str, Any]) -> str:
-        return f"{PAPER_METHODS.get(r['method'], r['method'])} {100 * r['bleu']:.1f} ({_count(r['trainable'])})"
+    def cell(r: dict[str, Any], against: dict[str, Any]) -> str:
+        p = p_values.get(against["run"], {}).get(r["run"]) if {r["run"], against["run"]} <= covered else None
+        p_text = "" if p is None else f", p={p:.3f}"
+        return f"{PAPER_METHODS.get(r['method'], r['method'])} {100 * r['bleu']:.1f} ({_count(r['trainable'])}{p_text})"
 
     ahead = [r for r in best.values() if r["bleu"] > top["bleu"]]
     lines = [f"Best BLEU per method (trainable parameters): LoRA {100 * top['bleu']:.1f} ({_count(top['trainable'])}) "
-             f"against {', '.join(cell(r) for r in best.values())}: "
-             + (f"**not** the best, {', '.join(cell(r) for r in ahead)} score higher." if ahead
+             f"against {', '.join(cell(r, top) for r in best.values())}: "
+             + (f"**not** the best, {', '.join(cell(r, top) for r in ahead)} score higher." if ahead
                 else "LoRA's is the highest, as in the paper's Table 3.")]
     small = min(loras, key=lambda r: r["trainable"] or 0)
     bigger = [r for r in best.values() if (r["trainable"] or 0) >= (small["trainable"] or 0)]
-    if bigger:
+    if bigger and small is not top:
         beaten = [r for r in bigger if r["bleu"] > small["bleu"]]
+        behind = [r for r in bigger if r not in beaten]
         lines.append(f"LoRA's smallest row ({small['name'].split(' ', 1)[1]}, {_count(small['trainable'])} trainable, "
                      f"BLEU {100 * small['bleu']:.1f}) against the methods that train at least as many: "
-                     + (f"behind {', '.join(cell(r) for r in beaten)}." if beaten else "ahead of all of them."))
+                     + "; ".join(part for part in (
+                         f"behind {', '.join(cell(r, small) for r in beaten)}" if beaten else "",
+                         f"ahead of {', '.join(cell(r, small) for r in behind)}" if behind else "") if part) + ".")
     return " ".join(lines)
 
 
@@ -169,18 +194,31 @@ def e2e_table(results_dir: Path, out_dir: Path, table3: dict[str, Any]) -> str:
         "| MRs scored (outputs) | run |",
         "|---|---|---|---|" + "---|" * len(metrics) + "---|---|---|",
     ]
-    runs = _our_runs(results_dir, out_dir, metrics)
-    footing, key = _same_footing(runs)
+    runs = our_runs(results_dir, out_dir, metrics)
+    footing, key = same_footing(runs)
     if key:
+        exp = next(e for e, model in E2E_EXPS.items() if model == key[0])
+        boot = _bootstrap(results_dir, exp, key[1])
+        # A row the file does not cover, or whose BLEU moved since (outputs replaced), gets no interval.
+        covered = {r["run"] for r in footing if boot and abs(boot["runs"].get(r["run"], {}).get("bleu", -1)
+                                                                - 100 * r["bleu"]) < 0.05}  # fmt: skip
         lines += ["", f"## Ours, every method on the same footing: {key[0]}, the paper's decoding rule, first {key[1]} "
-                  "test MRs", "", *header, *(r["row"] for r in footing)]
-        verdict = _verdict(footing)
+                  "test MRs", "", *header]
+        lines += [_line(r, boot["runs"][r["run"]]["ci95"] if r["run"] in covered else None) for r in footing]
+        verdict = _verdict(footing, boot["p_values"] if boot else {}, covered)
         lines += ["", verdict] if verdict else []
+        if boot:
+            missing = [r["run"] for r in footing if r["run"] not in covered]
+            lines += ["", f"BLEU ± is the 95% interval over {boot['n_samples']:,} resamples of the {key[1]} MRs (all "
+                      "references of each); p is the paired bootstrap's against the LoRA row named (sacrebleu, as "
+                      "Koehn 2004), from `python experiments/e2e_bootstrap.py`. One seed a row: both measure the "
+                      "choice of test MRs, not of the training seed"
+                      + (f"; not covered yet (rerun it): {', '.join(missing)}." if missing else ".")]
     rest = [r for r in runs if r not in footing]
     where = os.path.relpath(results_dir, out_dir.parent)
     lines += ["", "## Ours, other decodes (another rule or another set of MRs; not comparable with the rows above)"
               if key else "## Ours", "", *header]
-    lines += [r["row"] for r in rest] or [f"| no E2E run under {where}/ yet |" + " |" * (len(metrics) + 6)]
+    lines += [_line(r) for r in rest] or [f"| no E2E run under {where}/ yet |" + " |" * (len(metrics) + 6)]
     lines += [
         "",
         "¹ " + " ".join(table3["params_note"].split()),

@@ -126,3 +126,20 @@ def test_bad_inputs_say_what_to_pass() -> None:
         m.nist(["a", "b"], [["a"], []])
     with pytest.raises(TypeError, match="list of reference strings"):
         m.bleu(["a"], ["a"])
+
+
+def test_paired_bootstrap_separates_a_worse_system_and_not_a_one_line_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SACREBLEU_SEED", "12345")
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(50)]
+    refs = [[" ".join(rng.choice(words, 12)) for _ in range(1 + i % 4)] for i in range(40)]  # 1-4 references each
+    good = [" ".join(g[0].split()[:10] + list(rng.choice(words, 2))) for g in refs]  # 10 of 12 words kept
+    worse = [" ".join(g.split()[:6] + list(rng.choice(words, 6))) for g in good]  # 6 kept
+    almost = [*good[:-1], worse[-1]]  # one line of 40 differs
+    scores = m.bleu_paired_bootstrap([("good", good), ("worse", worse), ("almost", almost)], refs, n_samples=200)
+    assert scores["good"]["bleu"] == pytest.approx(100 * m.bleu(good, refs)) and scores["good"]["p_value"] is None
+    assert scores["worse"]["bleu"] < scores["good"]["bleu"] and scores["worse"]["p_value"] < 0.01
+    assert scores["almost"]["p_value"] > 0.05  # what one line of 40 changes is not told from the draw of lines
+    assert scores["worse"]["ci95"] > 0  # 40 items of different difficulty: BLEU moves with the draw
+    with pytest.raises(ValueError):
+        m.bleu_paired_bootstrap([("short", good[:-1])], refs)

@@ -214,4 +214,46 @@ def test_e2e_table_compares_methods_only_on_the_same_decoding_rule_and_mrs(tmp_p
     # The verdict is computed: LoRA's best (74.0) leads; its smallest row (70.0, 230,400) trails Adapter^H (72.0).
     assert "LoRA 74.0 (2,442,240) against FT^Top2 60.0 (7,080,192), Adapter^H 72.0 (346,416)" in same
     assert "LoRA's is the highest" in same
-    assert "BLEU 70.0) against the methods that train at least as many: behind Adapter^H 72.0 (346,416)." in same
+    assert ("BLEU 70.0) against the methods that train at least as many: behind Adapter^H 72.0 (346,416); ahead of "
+            "FT^Top2 60.0 (7,080,192).") in same
+
+
+def test_e2e_bootstrap_puts_intervals_and_p_values_beside_covered_rows_only(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from e2e_bootstrap import BOOTSTRAP_FILE, bootstrap
+    from nlg_tables import e2e_table
+    from tables import paper_numbers
+
+    refs = [[f"name{i} serves food in the centre .", f"name{i} is a place ."] for i in range(30)]
+    outputs = {"lora_r8": [r[0] for r in refs], "adapter_h_r4": [f"name{i} serves food ." for i in range(30)]}
+    for run, method, extra in (("lora_r8", "lora", {"lora": {"r": 8, "alpha": 32, "targets": ["q", "v"]}}),
+                               ("adapter_h_r4", "adapter_h", {"adapter": {"r": 4}})):  # fmt: skip
+        folder = tmp_path / "e2e_smollm2" / "e2e" / run
+        folder.mkdir(parents=True)
+        config = {"optim": {"epochs": 1, "lr": 5e-4}, "generate": {"ngram_over_prompt": False}, **extra}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "test_outputs.txt").write_text("\n".join(outputs[run]) + "\n")
+        scores = {"BLEU": 0.5, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.7, "CIDEr": 2.5}
+        summary = {"exp": "e2e_smollm2", "task": "e2e", "run": run, "seed": 0, "method": method, "best": 0.5,
+                   "main_metric": "BLEU", "best_epoch": 0, "trainable_params": 1000, "train_rows": 2000,
+                   "history": [{"epoch": 0, **scores}]}  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+    # 30 MRs' references for 30 output lines; the first 30 of a longer list, as generate.max_mrs takes them.
+    result = bootstrap(tmp_path, [*refs, ["unused ."]], n_samples=100)
+    assert result["mrs"] == 30 and set(result["runs"]) == {"lora_r8", "adapter_h_r4"}
+    assert result["p_values"]["lora_r8"]["adapter_h_r4"] < 0.05
+    (tmp_path / "e2e_smollm2" / BOOTSTRAP_FILE).write_text(json.dumps(result))
+    # The summaries' BLEU (0.5) is not what the outputs score: the rows are not covered, so no interval is printed.
+    table = e2e_table(tmp_path, tmp_path / "tables", paper_numbers()["table3"])
+    rows = [line for line in table.splitlines() if line.startswith("| SmolLM2")]
+    assert len(rows) == 2 and not any(" ±" in row for row in rows)
+    assert "not covered yet (rerun it): adapter_h_r4, lora_r8" in table
+    for run, score in result["runs"].items():  # now each summary holds what its outputs score
+        path = tmp_path / "e2e_smollm2" / "e2e" / run / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["history"][0]["BLEU"] = summary["best"] = score["bleu"] / 100
+        path.write_text(json.dumps(summary))
+    table = e2e_table(tmp_path, tmp_path / "tables", paper_numbers()["table3"])
+    lora = result["runs"]["lora_r8"]
+    assert f"| {lora['bleu']:.1f} ±{lora['ci95']:.1f} |" in table
+    assert f"p={result['p_values']['lora_r8']['adapter_h_r4']:.3f})" in table and "not covered" not in table
