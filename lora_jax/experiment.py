@@ -104,8 +104,9 @@ PACKED_KEYS = ("seed", "optim.lr", "lora.r", "lora.alpha", "run", "out_dir")  # 
 
 
 def run_packed(cfgs: Sequence[DictConfig], exact_dropout: bool = False) -> list[dict[str, Any]]:
-    """The runs of a sweep over seed / optim.lr / lora.r / lora.alpha of one task trained as one program
-    (lora_jax.sweep): each run's folder, metrics, summary and adapter are what `run` writes for it alone
+    """The runs of a sweep over seed / optim.lr / lora.r / lora.alpha of one task and one method (LoRA or a
+    baseline) trained as one program (lora_jax.sweep): each run's folder, metrics, summary and adapter are what
+    `run` writes for it alone
     (with dropout on, `exact_dropout` decides whether its masks are too: lora_jax.sweep.train_packed)."""
     if not cfgs:
         raise ValueError("run_packed needs at least one config.")
@@ -120,8 +121,8 @@ def run_packed(cfgs: Sequence[DictConfig], exact_dropout: bool = False) -> list[
                 f"packed runs may vary only {', '.join(PACKED_KEYS[:4])}; run {cfg.run} also changes {keys}: "
                 "sweep those with the basic launcher."
             )
-    if cfgs[0].method != "lora" or is_encoder_decoder(model_folder(cfgs[0].model.name_or_path)):
-        raise ValueError("packed sweeps train LoRA classifiers; run method=full/bitfit and seq2seq models unpacked.")
+    if cfgs[0].task in CAUSAL_TASKS or is_encoder_decoder(model_folder(cfgs[0].model.name_or_path)):
+        raise ValueError("packed sweeps train classifiers; run seq2seq models and E2E unpacked.")
     started = [_start(cfg) for cfg in cfgs]
     task = started[0][0]
     runs, loaded = [], None
@@ -131,7 +132,8 @@ def run_packed(cfgs: Sequence[DictConfig], exact_dropout: bool = False) -> list[
         export = Export(task=hf_task, base_model=cfg.model.name_or_path, tokenizer=tokenizer)
         runs.append(SweepRun(params, config, lora, out_dir, _loggers(cfg, out_dir), export))
     module, tokenizer, model_config, _ = loaded
-    train_set, eval_sets, spec = _datasets(cfgs[0], task, tokenizer, model_config, False)
+    special = special_tokens(cfgs[0], model_config)
+    train_set, eval_sets, spec = _datasets(cfgs[0], task, tokenizer, model_config, False, special)
     summaries = train_packed(module, runs, train_set, eval_sets, spec, exact_dropout=exact_dropout)
     return [
         _finish(c, task, r.lora_config, s, r.out_dir, _model_type(model_config))

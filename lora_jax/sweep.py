@@ -1,8 +1,10 @@
-"""A sweep of K LoRA runs of one task trained as one program: the same per-run folders as K separate `train` calls.
+"""A sweep of K runs of one task trained as one program: the same per-run folders as K separate `train` calls.
 
-The runs may differ in seed (LoRA init, head init, batch order, dropout), learning rate, rank and alpha; all else is
-one TrainConfig. Each run's trainable half (LoRA A/B and the head it trains) is zero-padded to the largest rank and
-stacked on a leading K axis, with a 0/1 mask over the padding; the frozen base is held once. One jitted step vmaps
+The runs may differ in seed (LoRA / adapter / prefix init, head init, batch order, dropout), learning rate, and for
+LoRA rank and alpha; all else is one TrainConfig, the method included (LoRA or any baseline of lora_jax.methods:
+its trainable leaves are stacked as LoRA's are). Each run's trainable half (LoRA A/B and the head it trains) is
+zero-padded to the largest rank and stacked on a leading K axis, with a 0/1 mask over the padding; the frozen base
+is held once. One jitted step vmaps
 `lora_jax.packed.masked_update` (over lora_jax.objective's loss and optimizer) across K, so every matmul of the base
 reads its weights once for all K runs. A padded slot gets a zero gradient and a masked update, so it stays exactly
 zero and the real slots follow a separate run's arithmetic: the optimizer runs with a peak rate of 1 and each run's
@@ -122,8 +124,6 @@ def _check(runs: Sequence[SweepRun]) -> None:
     first = unswept(runs[0].config)
     for run in runs:
         config = unswept(run.config)
-        if config.method != "lora":
-            raise LoraError(f"{run.out_dir}: a packed sweep trains LoRA runs only, not method={config.method!r}.")
         if config != first:
             diff = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(first, f.name)]
             raise ValueError(f"packed runs may differ only in seed, lr, r and alpha; {run.out_dir} differs in {diff}.")
@@ -161,7 +161,8 @@ def _dropout_on(module: nn.Module, runs: Sequence[SweepRun]) -> bool:
     config = getattr(module, "config", None)
     fields = dataclasses.fields(config) if dataclasses.is_dataclass(config) else ()
     rates = [getattr(config, f.name) for f in fields if "dropout" in f.name]
-    return any(isinstance(p, float) and p > 0 for p in rates) or any(r.lora_config.dropout > 0 for r in runs)
+    lora_dropout = any(r.lora_config is not None and r.lora_config.dropout > 0 for r in runs)
+    return any(isinstance(p, float) and p > 0 for p in rates) or lora_dropout
 
 
 def _step_groups(dataset, batch_size: int, seeds: Sequence[int], epoch: int, skip: int, num_devices: int,
@@ -222,7 +223,7 @@ def train_packed(
     tx = make_optimizer(dataclasses.replace(config, lr=1.0), opt_steps)
     schedules = [linear_schedule(r.config, opt_steps) for r in runs]
 
-    halves = [partition(r.params, trainable_mask(r.params, r.lora_config, "lora")) for r in runs]
+    halves = [partition(r.params, trainable_mask(r.params, r.lora_config, config.method)) for r in runs]
     trainables = [t for t, _ in halves]
     owns, shared = _split_frozen([f for _, f in halves], [str(r.out_dir) for r in runs])
     opt_states = [tx.init(t) for t in trainables]
@@ -326,7 +327,8 @@ def train_packed(
             "best_epoch": book.meta["best_epoch"],
             "history": book.meta["history"],
             "trainable_params": sum(int(np.size(x)) for x in jax.tree.leaves(view.trainable)),
-            "total_params": count_params(unpartition(view.trainable, frozens[k]), run.lora_config, "lora").total,
+            "total_params": count_params(unpartition(view.trainable, frozens[k]), run.lora_config,
+                                         run.config.method).total,
             "steps": step,
             "stopped_early": stopped_early,
             "wall_time_s": time.perf_counter() - book.started,
@@ -337,7 +339,7 @@ def train_packed(
         if book.meta["best"] is not None:
             best = best_params(book, prepared, view)
             summary["exports"] = write_exports(run.out_dir, run.config.exports, best, run.lora_config, module,
-                                               "lora", run.export or Export())  # fmt: skip
+                                               run.config.method, run.export or Export())  # fmt: skip
         book.logger.finish(summary)
         book.checkpoints.close()
         summaries.append(summary)

@@ -1,6 +1,7 @@
 """`hydra/launcher=packed`: a multirun over seed / optim.lr / lora.r / lora.alpha of one task as ONE program.
 
     python experiments/run.py -m hydra/launcher=packed +exp=glue_minilm_lrsel task=mrpc optim.lr=5e-4,1e-3,2e-3 seed=0,1
+    python experiments/run.py -m hydra/launcher=packed +exp=glue_minilm_lrsel task=rte method=adapter_h seed=0,1,2
     ... hydra.launcher.exact_dropout=true   # each run's dropout masks those of a separate run (slower)
 
 Hydra still sets every job up as its basic launcher does (its folder, .hydra/ with config, hydra and overrides);
