@@ -59,16 +59,17 @@ def test_glue_minilm_table_has_medians_links_gaps_and_missing_cells(tmp_path):
     assert "paper: roberta_base LoRA" in text and "89.7" in text  # the paper's number from paper_numbers.yaml
 
 
-def fake_sweep_run(results: Path, exp: str, targets: list[str], r: int, best: float, lr: float = 1e-3) -> None:
+def fake_sweep_run(results: Path, exp: str, targets: list[str], r: int, best: float, lr: float = 1e-3,
+                   task: str = "stsb", epochs: int = 1) -> None:  # fmt: skip
     run = f"lora_{''.join(targets)}_r{r}_seed0"
-    folder = results / exp / "stsb" / run
+    folder = results / exp / task / run
     folder.mkdir(parents=True)
     summary = {
-        "exp": exp, "task": "stsb", "run": run, "seed": 0, "method": "lora", "best": best, "main_metric": "pearson",
+        "exp": exp, "task": task, "run": run, "seed": 0, "method": "lora", "best": best, "main_metric": "pearson",
         "trainable_params": 1, "history": [], "lora": {"r": r, "alpha": 8},
     }  # fmt: skip
     config = {
-        "optim": {"lr": lr, "epochs": 1, "batch_size": 16, "warmup_ratio": 0.06}, "data": {"max_len": 128},
+        "optim": {"lr": lr, "epochs": epochs, "batch_size": 16, "warmup_ratio": 0.06}, "data": {"max_len": 128},
         "lora": {"targets": targets, "alpha": 8, "dropout": 0.0}, "model": {"name_or_path": "m"},
     }  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -95,6 +96,24 @@ def test_sweep_tables_fill_their_own_cells_from_identically_trained_runs_of_the_
     assert "76.0" in table5 and "†" not in table5
     assert "[COMMANDS.md](../rank_minilm/COMMANDS.md)" in (out / "table6_rank.md").read_text()
     assert "COMMANDS.md" not in table5  # no such file beside weight_type_minilm's runs
+
+
+def test_table5_takes_mrpc_from_its_3_epoch_sweep_and_says_which_settings_each_column_has(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from tables import TABLE5_EXPS, sweep_table
+
+    fake_sweep_run(tmp_path, "weight_type_minilm", ["k"], 8, 0.71, task="mrpc")  # the 1-epoch MRPC run: replaced
+    fake_sweep_run(tmp_path, "weight_type_minilm", ["k"], 8, 0.76)  # STS-B, 1 epoch
+    fake_sweep_run(tmp_path, "weight_type_minilm_3ep", ["k"], 8, 0.79, task="mrpc", epochs=3)
+    fake_sweep_run(tmp_path, "rank_minilm", ["q"], 8, 0.80, task="mrpc")  # 1 epoch: may fill STS-B-like cells only
+    out = tmp_path / "tables"
+    table = sweep_table(tmp_path, out, TABLE5_EXPS, "table5", "rank_minilm")
+    row = next(line for line in table.splitlines() if line.startswith("| Wk | 8"))
+    assert "| 79.0 <sub>" in row and "| 76.0 <sub>" in row and "71.0" not in row
+    assert "Trained (MRPC: `weight_type_minilm_3ep`): 3 epoch(s)" in table
+    assert "Trained (STS-B: `weight_type_minilm`): 1 epoch(s)" in table
+    wq = next(line for line in table.splitlines() if line.startswith("| Wq | 8"))
+    assert "80.0" not in wq  # trained for 1 epoch, the MRPC column's cells for 3: not borrowed
 
 
 def test_figures_page_links_every_analysed_pair_and_averages_phi_over_layers(tmp_path):
