@@ -309,7 +309,9 @@ def route_grouped(base: Params, stack: Params, adapter_ids: jax.Array) -> tuple[
     return combine(base, nest(flat)), order
 
 
-def mixed_apply(apply: Callable[..., Any], base: Params, stack: Params, adapter_ids: jax.Array, *rows: jax.Array):
+def mixed_apply(
+    apply: Callable[..., Any], base: Params, stack: Params, adapter_ids: jax.Array, *rows: jax.Array
+) -> Any:
     """`apply(params, *rows)` with row i through slot adapter_ids[i] (-1: the bare base); outputs keep row order.
 
     Picks by shape and backend: per-row gather (`route`) for rows of fewer than GROUPED_FROM tokens (decoding,

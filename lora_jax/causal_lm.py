@@ -117,7 +117,7 @@ def prompt_set(prompts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**prompts, "labels": np.arange(len(prompts["input_ids"]), dtype=np.int32)}
 
 
-def decoder(decode: DecodeConfig, eos: Sequence[int], pad: int):
+def decoder(decode: DecodeConfig, eos: Sequence[int], pad: int) -> Callable[[Any, Any, Any], jax.Array]:
     """`EvalSpec.generate`: (module, params, batch) -> (batch, max_new_tokens) tokens, by the family's CausalLM."""
 
     def generate_batch(module: Any, params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -153,7 +153,9 @@ def decode_all(
     return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tokens])
 
 
-def scorer(grouped: e2e.GroupedReferences, tokenizer: Any, samples: int = 10, stop: str | None = None):
+def scorer(
+    grouped: e2e.GroupedReferences, tokenizer: Any, samples: int = 10, stop: str | None = None
+) -> Callable[[np.ndarray, np.ndarray], dict[str, Any]]:
     """`EvalSpec.metrics`: generated tokens (in item order) -> the five E2E scores, plus "decoded" (every text, a
     line each, the official scorer's system-output format) and "samples" (the first few beside a reference).
     `stop`: text after it is cut off (the few-shot prompt's line break)."""

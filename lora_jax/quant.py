@@ -274,7 +274,9 @@ class Q4_1(Quantized):
 GGUF_TYPES = {"Q8_0": Q8_0, "Q4_1": Q4_1}
 
 
-def from_gguf_blocks(qtype_name: str, raw: np.ndarray, torch_shape: Sequence[int], dtype: Any = np.float32):
+def from_gguf_blocks(
+    qtype_name: str, raw: np.ndarray, torch_shape: Sequence[int], dtype: Any = np.float32
+) -> Quantized:
     """A GGUF tensor's blocks, unchanged, as a quantized Flax kernel: `dequantize()` is the torch weight
     (d_out, d_in) = `torch_shape` transposed to (d_in, d_out), in `dtype` unless asked otherwise.
 

@@ -12,7 +12,7 @@ import hashlib
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,14 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def evaluate(
-    eval_step, trainable, frozen, dataset, spec: EvalSpec, batch_size: int, mesh: Mesh, keep: Path | None = None
+    eval_step: Callable[[Params, Params, Batch], jax.Array],
+    trainable: Params,
+    frozen: Params,
+    dataset: Mapping[str, np.ndarray],
+    spec: EvalSpec,
+    batch_size: int,
+    mesh: Mesh,
+    keep: Path | None = None,
 ) -> dict[str, float]:
     """`spec.metrics` over every row's eval output; with `keep`, batches are kept as computed (resumable)."""
 
@@ -115,8 +122,17 @@ class RunBook:
         self.checkpoints.save_latest(step, {"trainable": state.trainable, "opt_state": state.opt_state}, self.meta)
 
 
-def eval_and_checkpoint(run: RunBook, prepared: Prepared, state: TrainState, eval_sets, spec: EvalSpec,
-                         config: TrainConfig, mesh: Mesh, step: int, epoch: int) -> dict[str, Any]:  # fmt: skip
+def eval_and_checkpoint(
+    run: RunBook,
+    prepared: Prepared,
+    state: TrainState,
+    eval_sets: Mapping[str, Batch],
+    spec: EvalSpec,
+    config: TrainConfig,
+    mesh: Mesh,
+    step: int,
+    epoch: int,
+) -> dict[str, Any]:
     """Score every eval set, keep the best trainable half, and save `latest` (after the eval, so a resumed run
     never evaluates an epoch twice)."""
     record: dict[str, Any] = {"step": step, "epoch": epoch}

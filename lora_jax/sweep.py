@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ def unstack(stacked: Any, index: int, like: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def packed_train_step(module: nn.Module, tx: optax.GradientTransformation, num_labels: int):
+def packed_train_step(
+    module: nn.Module, tx: optax.GradientTransformation, num_labels: int
+) -> Callable[..., tuple[TrainState, jax.Array]]:
     """`(state, own, shared, batches, seeds, lrs, mask, active=None) -> (state, losses (K,))`, pure and ready for jit.
 
     state: a TrainState whose trainable and opt_state carry the K axis (step is shared); own: each run's frozen

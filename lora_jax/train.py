@@ -134,7 +134,7 @@ def make_steps(
     seed: int,
     generate: Callable[[nn.Module, Params, Batch], jax.Array] | None = None,
     label_smoothing: float = 0.0,
-):
+) -> tuple[Callable[..., tuple[TrainState, jax.Array]], Callable[..., jax.Array]]:
     """(train_step, eval_step), pure functions ready for jit: train_step(state, frozen, batch) -> (state, loss),
     eval_step(trainable, frozen, batch) -> logits, or with `generate(module, params, batch)` (seq2seq) the
     generated tokens."""

@@ -226,7 +226,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 # ------------------------------------------------------------------------------------------------------------
 
 
-def last_token(hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None):
+def last_token(
+    hidden: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None
+) -> jax.Array:
     """Each row's hidden state at its rightmost real token, as transformers' decoder classifiers pool: the last
     token that is not pad_token_id, or without one the attention mask's last."""
     if pad_token_id is not None:

@@ -13,7 +13,9 @@ import numpy as np
 
 
 # T5 (Raffel et al. 2020): a bias per (bucket, head), added to the attention logits.
-def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int):
+def relative_position_bucket(
+    relative: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
     """Mesh TensorFlow's buckets: exact for small distances, log-spaced up to max_distance, one bucket beyond."""
     buckets = jnp.zeros_like(relative)
     if bidirectional:
