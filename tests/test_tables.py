@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -199,23 +200,26 @@ def test_scaling_figure_lists_each_method_by_size_and_draws_one_curve_each(tmp_p
     assert "no run yet" in scaling_figure(tmp_path / "empty", out)
 
 
+def fake_e2e_run(results: Path, run: str, method: str, bleu: float, trainable: int, mrs: int, paper_rule: bool,
+                 extra: dict) -> None:  # fmt: skip
+    folder = results / "e2e_smollm2" / "e2e" / run
+    folder.mkdir(parents=True)
+    scores = {"BLEU": bleu, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.7, "CIDEr": 2.5}
+    summary = {"exp": "e2e_smollm2", "task": "e2e", "run": run, "seed": 0, "method": method, "best": bleu,
+               "main_metric": "BLEU", "best_epoch": 0, "trainable_params": trainable, "train_rows": 2000,
+               "history": [{"epoch": 0, **scores}]}  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(summary))
+    config = {"optim": {"epochs": 1, "lr": 5e-4}, "generate": {"ngram_over_prompt": not paper_rule}, **extra}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "test_outputs.txt").write_text("x\n" * mrs)
+
+
 def test_e2e_table_compares_methods_only_on_the_same_decoding_rule_and_mrs(tmp_path):
     sys.path.insert(0, str(ROOT / "experiments"))
     from nlg_tables import e2e_table
     from tables import paper_numbers
 
-    def fake(run: str, method: str, bleu: float, trainable: int, mrs: int, paper_rule: bool, extra: dict) -> None:
-        folder = tmp_path / "e2e_smollm2" / "e2e" / run
-        folder.mkdir(parents=True)
-        scores = {"BLEU": bleu, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.7, "CIDEr": 2.5}
-        summary = {"exp": "e2e_smollm2", "task": "e2e", "run": run, "seed": 0, "method": method, "best": bleu,
-                   "main_metric": "BLEU", "best_epoch": 0, "trainable_params": trainable, "train_rows": 2000,
-                   "history": [{"epoch": 0, **scores}]}  # fmt: skip
-        (folder / "summary.json").write_text(json.dumps(summary))
-        config = {"optim": {"epochs": 1, "lr": 5e-4}, "generate": {"ngram_over_prompt": not paper_rule}, **extra}
-        (folder / "config.yaml").write_text(yaml.safe_dump(config))
-        (folder / "test_outputs.txt").write_text("x\n" * mrs)
-
+    fake = functools.partial(fake_e2e_run, tmp_path)
     lora = {"lora": {"r": 4, "alpha": 32, "targets": ["q", "v"]}}
     fake("lora_r4", "lora", 0.70, 230_400, 100, True, lora)
     fake("lora_r8_all", "lora", 0.74, 2_442_240, 100, True, {"lora": {**lora["lora"], "r": 8}})
@@ -289,3 +293,18 @@ def test_index_page_links_every_page_with_the_verdicts_it_computes(tmp_path):
     assert "- [GLUE dev](glue_minilm.md)\n  - Under the tuned protocol the claim holds on MRPC." in page
     assert "- [Table 1 analogue: latency](table1_latency.md)" in page and "- [Table 5 analogue]" in page
     assert "| a |" not in page
+
+
+def test_e2e_verdict_compares_settings_by_their_median_over_seeds(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from nlg_tables import e2e_table
+    from tables import paper_numbers
+
+    lora = {"lora": {"r": 4, "alpha": 32, "targets": ["q", "v"]}}
+    fake_e2e_run(tmp_path, "lora_r4_seed0", "lora", 0.70, 230_400, 100, True, lora)
+    fake_e2e_run(tmp_path, "adapter_h_r4_seed0", "adapter_h", 0.72, 346_416, 100, True, {"adapter": {"r": 4}})
+    fake_e2e_run(tmp_path, "adapter_h_r4_seed1", "adapter_h", 0.66, 346_416, 100, True, {"adapter": {"r": 4}})
+    table = e2e_table(tmp_path, tmp_path / "tables", paper_numbers()["table3"])
+    assert len([line for line in table.splitlines() if line.startswith("| SmolLM2-135M Adapter^H")]) == 2  # each seed
+    # Adapter^H's best seed (72.0) beats LoRA's 70.0, its median over two seeds (69.0) does not.
+    assert "against Adapter^H 69.0 (346,416, median of 2 seeds): LoRA's is the highest" in table
