@@ -24,6 +24,7 @@ GRID_VARIANT = {"lora": ("lora", 8, 8.0, ("q", "v")), "full": ("full",)}  # what
 GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # results/glue_minilm_lrsel/COMMANDS.md
 GRID_TASKS = ("mrpc", "rte", "stsb")  # where each method's rate is selected; other tasks borrow (`borrowed_rates`)
 WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
+TEXT_TOKENS = 128  # every row's text budget (data.max_len; prefix methods add their special tokens to it)
 PLATEAU = 0.25  # points: a last-epoch best this close to an earlier epoch is a plateau (one MRPC dev row: 0.245)
 
 
@@ -81,8 +82,15 @@ def read_grid(results_dir: Path, exp: str = "glue_minilm_lrsel") -> list[GridPoi
 
 def _variant(cfg: dict, folder_name: str) -> tuple:
     """The row a run belongs to; PEFT+torch reference runs (experiments/peft_reference.py writes peft_<run>) get
-    their own "peft" row, so they never select a learning rate or count as lora_jax seeds."""
+    their own "peft" row, so they never select a learning rate or count as lora_jax seeds. A prefix run whose text
+    had fewer than TEXT_TOKENS tokens (its special tokens took part of data.max_len: runs from before
+    `text_plus_special`) is a row of its own too: it saw less of each example than every other row."""
     if cfg["method"] != "lora":
+        prefix, max_len = cfg.get("prefix") or {}, cfg.get("data", {}).get("max_len")
+        if cfg["method"].startswith("prefix_") and max_len is not None:
+            text = int(max_len) - int(prefix.get("l_p", 0)) - int(prefix.get("l_i", 0))
+            if text < TEXT_TOKENS:
+                return (cfg["method"], f"text cut at {text} tokens")
         return (cfg["method"],)
     lora = cfg.get("lora", {})
     kind = "peft" if folder_name.startswith("peft_") else "lora"
@@ -160,7 +168,7 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
 
 def _variant_title(variant: tuple) -> str:
     if variant[0] not in ("lora", "peft"):
-        return {"full": "FT (tuned)"}.get(variant[0], variant[0])
+        return {"full": "FT (tuned)"}.get(variant[0], variant[0]) + "".join(f", {v}" for v in variant[1:])
     kind, r, alpha, targets = variant
     where = "all linear" if list(targets) in (["all-linear"], ["q", "k", "v", "o", "mlp"]) else ",".join(targets)
     if kind == "peft":
@@ -176,6 +184,8 @@ def tuned_runs(points: list[GridPoint]) -> dict[tuple[str, tuple], list[GridPoin
     for p in points:
         pick = chosen[(p.task, p.method)].lr if (p.task, p.method) in chosen else None
         rate = pick if p.task in GRID_TASKS else shared.get(p.method)
+        if p.method not in GRID_LRS and p.variant != (p.method,):  # a baseline row off the grid: at the rate it ran
+            rate = p.lr
         if p.finished and rate is not None and p.lr == rate:
             runs.setdefault((p.task, p.variant), []).append(p)
     return {k: sorted(v, key=lambda p: p.seed) for k, v in runs.items()}

@@ -17,13 +17,15 @@ from lr_selection import lr_selection_table, read_grid, selected, tuned_section 
 
 
 def fake_point(results: Path, task: str, method: str, lr: float, scores: list[float], finished: bool = True,
-               seed: int = 0, alpha: float = 8, trainable: int = 0, peft: bool = False):  # fmt: skip
-    name = f"{'peft_' if peft else ''}{method}_a{alpha:g}_seed{seed}_lr{lr:g}"
+               seed: int = 0, alpha: float = 8, trainable: int = 0, peft: bool = False, extra: dict | None = None,
+               name: str | None = None):  # fmt: skip
+    name = name or f"{'peft_' if peft else ''}{method}_a{alpha:g}_seed{seed}_lr{lr:g}"
     folder = results / "glue_minilm_lrsel" / task / name
     folder.mkdir(parents=True)
     cfg = {"task": task, "method": method, "seed": seed, "optim": {"lr": lr, "epochs": 4}}
     if method == "lora":
         cfg["lora"] = {"r": 8, "alpha": alpha, "targets": ["q", "v"]}
+    cfg.update(extra or {})
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     metric = "pearson" if task == "stsb" else "accuracy"
     rows = [{"epoch": e, metric: s} for e, s in enumerate(scores)]
@@ -154,3 +156,17 @@ def test_a_baseline_with_a_grid_of_its_own_says_its_rate_was_selected(tmp_path):
     rows = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("| adapter_h")]
     title = "| adapter_h (lr per task selected on seed 0 among 0.001, 0.002, 0.004)"
     assert rows[0].startswith(f"{title} | — | 83.0 <sub>n=2")
+
+
+def test_a_prefix_run_whose_text_was_cut_is_its_own_row_and_never_a_grid_point(tmp_path):
+    fake_point(tmp_path, "mrpc", "full", 5e-5, [0.80, 0.82])
+    fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.78, 0.80])
+    prefix = {"prefix": {"l_p": 32, "l_i": 0}}
+    fake_point(tmp_path, "mrpc", "prefix_layer", 2e-3, [0.70, 0.74], extra={**prefix, "data": {"max_len": 128}},
+               name="old_cut")  # before text_plus_special: 96 text tokens
+    fake_point(tmp_path, "mrpc", "prefix_layer", 1e-2, [0.72, 0.73], extra={**prefix, "data": {"max_len": 160}})
+    assert ("mrpc", "prefix_layer") in selected(read_grid(tmp_path))
+    assert selected(read_grid(tmp_path))[("mrpc", "prefix_layer")].lr == 1e-2  # the cut run is not a grid point
+    table = "\n".join(tuned_section(tmp_path, tmp_path / "tables"))
+    assert "| prefix_layer, text cut at 96 tokens (one lr: 0.002, not tuned) |" in table
+    assert "| prefix_layer (one lr: 0.01, not tuned) |" in table
