@@ -183,7 +183,7 @@ def test_step_groups_pack_at_the_widest_width_unless_dropout_must_match():
     assert np.sum([active for active, _ in exact_groups], axis=0).tolist() == [1, 1, 1]  # each run steps once
 
 
-@pytest.mark.parametrize("method", ["adapter_h", "prefix_embed", "bitfit"])
+@pytest.mark.parametrize("method", ["adapter_h", "prefix_embed", "bitfit", "ft_top2", "full"])
 def test_a_packed_baseline_sweep_writes_what_separate_runs_write(tiny_bert, tiny_glue, tmp_path, method):
     """The paper's baselines pack as LoRA does: their own trainable leaves (adapters, special tokens, biases) are
     stacked over one frozen base, and each folder ends as the run alone ends."""
@@ -192,7 +192,8 @@ def test_a_packed_baseline_sweep_writes_what_separate_runs_write(tiny_bert, tiny
     def cfgs(results: Path) -> list:
         return [run_config(tiny_bert, tiny_glue, results, f"method={method}", "prefix.l_p=4", "prefix.l_i=0",
                            "adapter.r=4", f"seed={s}", f"optim.lr={lr}", "optim.epochs=1", f"results_dir={results}",
-                           "out_dir=${results_dir}/${run}", "run=${method}_s${seed}_lr${optim.lr}")
+                           "out_dir=${results_dir}/${run}", "run=${method}_s${seed}_lr${optim.lr}",
+                           *(["exports=[merged]"] if method == "full" else []))  # full FT: no adapter, a checkpoint
                 for s, lr in (("0", "1e-2"), ("1", "5e-3"))]  # fmt: skip
 
     for cfg in cfgs(tmp_path / "separate"):
@@ -204,13 +205,13 @@ def test_a_packed_baseline_sweep_writes_what_separate_runs_write(tiny_bert, tiny
         ours = packed[name]
         assert_close_records(read_jsonl(ours / "metrics.jsonl"), read_jsonl(theirs / "metrics.jsonl"), "metrics")
         assert_close_records(read_jsonl(ours / "train.jsonl"), read_jsonl(theirs / "train.jsonl"), "train")
-        files = sorted(p.relative_to(theirs) for p in theirs.glob("adapter/*.safetensors"))
-        assert files and files == sorted(p.relative_to(ours) for p in ours.glob("adapter/*.safetensors"))
+        files = sorted(p.relative_to(theirs) for p in theirs.glob("*/*.safetensors"))
+        assert files and files == sorted(p.relative_to(ours) for p in ours.glob("*/*.safetensors"))
         for file in files:
             a, b = load_file(ours / file), load_file(theirs / file)
             assert sorted(a) == sorted(b)
             for key in b:
                 np.testing.assert_allclose(a[key], b[key], atol=TOL, rtol=0, err_msg=f"{name} {key}")
     assert {s["method"] for s in summaries} == {method} and all(s["packed_with"] for s in summaries)
-    first, second = (load_file(next(d.glob("adapter/*.safetensors"))) for d in packed.values())
+    first, second = (load_file(next(d.glob("*/*.safetensors"))) for d in packed.values())
     assert any(not np.array_equal(first[k], second[k]) for k in first)  # two seeds, two rates: the runs differ
