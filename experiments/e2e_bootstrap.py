@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from nlg_tables import E2E_EXPS, same_footing
+from nlg_tables import BOOTSTRAP_FILE, same_footing
 from nlg_tables import our_runs as table_runs
 from omegaconf import DictConfig
 
 from lora_jax.data import e2e
 from lora_jax.data.nlg_metrics import bleu_paired_bootstrap, read_lines
-
-BOOTSTRAP_FILE = "bleu_bootstrap.json"
 
 
 def bootstrap(results_dir: Path, references: Sequence[Sequence[str]], n_samples: int) -> dict[str, Any] | None:
@@ -43,13 +41,11 @@ def bootstrap(results_dir: Path, references: Sequence[Sequence[str]], n_samples:
         systems = [(lora["run"], outputs[lora["run"]])]
         systems += [(name, lines) for name, lines in outputs.items() if name != lora["run"]]
         result = bleu_paired_bootstrap(systems, refs, n_samples)
-        scores.setdefault(lora["run"], result[lora["run"]])
         p_values[lora["run"]] = {name: r["p_value"] for name, r in result.items() if name != lora["run"]}
         for name, r in result.items():
             scores.setdefault(name, r)
-    exp = next(e for e, model in E2E_EXPS.items() if model == key[0])
     runs_out = {name: {"bleu": s["bleu"], "ci95": s["ci95"]} for name, s in scores.items()}
-    return {"exp": exp, "mrs": key[1], "n_samples": n_samples, "runs": runs_out, "p_values": p_values}
+    return {"exp": runs[0]["exp"], "mrs": key[1], "n_samples": n_samples, "runs": runs_out, "p_values": p_values}
 
 
 @hydra.main(config_path="../conf/scripts", config_name="e2e_bootstrap", version_base=None)

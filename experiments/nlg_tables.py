@@ -214,8 +214,7 @@ def e2e_table(results_dir: Path, out_dir: Path, table3: dict[str, Any]) -> str:
     runs = our_runs(results_dir, out_dir, metrics)
     footing, key = same_footing(runs)
     if key:
-        exp = next(e for e, model in E2E_EXPS.items() if model == key[0])
-        boot = _bootstrap(results_dir, exp, key[1])
+        boot = _bootstrap(results_dir, footing[0]["exp"], key[1])
         # A row the file does not cover, or whose BLEU moved since (outputs replaced), gets no interval.
         covered = {r["run"] for r in footing if boot and abs(boot["runs"].get(r["run"], {}).get("bleu", -1)
                                                                 - 100 * r["bleu"]) < 0.05}  # fmt: skip

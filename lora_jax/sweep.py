@@ -4,11 +4,11 @@ The runs may differ in seed (LoRA / adapter / prefix init, head init, batch orde
 LoRA rank and alpha; all else is one TrainConfig, the method included (LoRA or any baseline of lora_jax.methods:
 its trainable leaves are stacked as LoRA's are). Each run's trainable half (LoRA A/B and the head it trains) is
 zero-padded to the largest rank and stacked on a leading K axis, with a 0/1 mask over the padding; the frozen base
-is held once. One jitted step vmaps
-`lora_jax.packed.masked_update` (over lora_jax.objective's loss and optimizer) across K, so every matmul of the base
-reads its weights once for all K runs. A padded slot gets a zero gradient and a masked update, so it stays exactly
-zero and the real slots follow a separate run's arithmetic: the optimizer runs with a peak rate of 1 and each run's
-update is scaled by its own rate, which equals the run's own schedule up to float rounding.
+is held once. One jitted step vmaps `lora_jax.packed.masked_update` (over lora_jax.objective's loss and optimizer)
+across K, so every matmul of the base reads its weights once for all K runs. A padded slot gets a zero gradient
+and a masked update, so it stays exactly zero and the real slots follow a separate run's arithmetic: the optimizer
+runs with a peak rate of 1 and each run's update is scaled by its own rate, which equals the run's own schedule up
+to float rounding.
 
 Everything a separate run writes is written per run, by the same code: checkpoints hold each run's own
 (unpadded) trainable half and optimizer state, so a packed sweep resumes from them, and each folder's
