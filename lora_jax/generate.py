@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prompt_texts(tokenizer, prompts: Sequence[str], chat: bool, system: str | None) -> list[str]:
+def prompt_texts(tokenizer: Any, prompts: Sequence[str], chat: bool, system: str | None) -> list[str]:
     if not chat:
         return list(prompts)
     if not getattr(tokenizer, "chat_template", None):

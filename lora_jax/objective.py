@@ -90,7 +90,7 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
 def make_loss(module: nn.Module, num_labels: int, label_smoothing: float = 0.0) -> Callable[..., jax.Array]:
     """loss(trainable, frozen, batch, dropout_key): the training loss of one step (shared with lora_jax.sweep)."""
 
-    def loss_fn(trainable, frozen, batch, dropout_key):
+    def loss_fn(trainable: Any, frozen: Any, batch: Batch, dropout_key: jax.Array):
         params = unpartition(trainable, frozen)
         rngs = {"dropout": dropout_key}
         out = module.apply({"params": params}, **model_inputs(batch), deterministic=False, rngs=rngs)

@@ -97,7 +97,9 @@ def masked_update(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransform
     step), None means always active.
     """
 
-    def update(trainable, opt_state, mask, lr, active, *loss_args):
+    def update(
+        trainable: Params, opt_state: optax.OptState, mask: Params, lr: jax.Array, active: jax.Array | None, *loss_args
+    ):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, *loss_args)
         grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, mask)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)

@@ -23,7 +23,7 @@ def shardings_for(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
     """Replicated, or (fsdp) each big leaf split on its first axis divisible by the device count."""
     n = mesh.devices.size
 
-    def spec(leaf) -> NamedSharding:
+    def spec(leaf: jax.Array | np.ndarray) -> NamedSharding:
         shape = np.shape(leaf)
         if fsdp and np.prod(shape, dtype=np.int64) >= 2**14:
             for axis, size in enumerate(shape):

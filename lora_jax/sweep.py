@@ -38,7 +38,7 @@ from lora_jax.export import Export, write_exports
 from lora_jax.logging import JsonlLogger, Logger, Loggers
 from lora_jax.lora import LoraConfig, LoraError, is_lora_leaf
 from lora_jax.methods import count_params, partition, trainable_mask, unpartition
-from lora_jax.objective import linear_schedule, make_loss, make_optimizer
+from lora_jax.objective import Batch, linear_schedule, make_loss, make_optimizer
 from lora_jax.packed import masked_update
 from lora_jax.runbook import RunBook, batch_tokens, best_params, eval_and_checkpoint
 from lora_jax.sharding import make_mesh
@@ -102,13 +102,22 @@ def packed_train_step(
     """
     loss_fn = make_loss(module, num_labels)
 
-    def loss_of(trainable, own, shared, batch, seed, step):
+    def loss_of(trainable: Any, own: Any, shared: Any, batch: Batch, seed: jax.Array, step: jax.Array):
         key = jax.random.fold_in(jax.random.key(seed), step)  # what a separate run of this seed draws
         return loss_fn(trainable, unpartition(own, shared), batch, key)
 
     update = masked_update(loss_of, tx)
 
-    def step(state: TrainState, own, shared, batches, seeds, lrs, mask, active=None) -> tuple[TrainState, jax.Array]:
+    def step(
+        state: TrainState,
+        own: Any,
+        shared: Any,
+        batches: Batch,
+        seeds: jax.Array,
+        lrs: jax.Array,
+        mask: Any,
+        active: jax.Array | None = None,
+    ) -> tuple[TrainState, jax.Array]:
         active = jnp.ones(seeds.shape, bool) if active is None else active
         vmapped = jax.vmap(update, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0, None))
         trainable, opt_state, losses = vmapped(

@@ -141,14 +141,14 @@ def make_steps(
     base_key = jax.random.key(seed)
     loss_fn = make_loss(module, num_labels, label_smoothing)
 
-    def train_step(state: TrainState, frozen, batch) -> tuple[TrainState, jax.Array]:
+    def train_step(state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, jax.Array]:
         dropout_key = jax.random.fold_in(base_key, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(trainable, opt_state, state.step + 1), loss
 
-    def eval_step(trainable, frozen, batch):
+    def eval_step(trainable: Any, frozen: Any, batch: Batch):
         params = unpartition(trainable, frozen)
         if generate is not None:
             return generate(module, params, batch)

@@ -113,7 +113,7 @@ class Embeddings(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool):
         c = self.config
         embed = lambda n, name: Embed(
             n,
@@ -134,7 +134,7 @@ class SelfAttention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool):
         c = self.config
         heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)  # (b, t, h, d)
@@ -154,7 +154,7 @@ class AddNorm(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, residual, deterministic: bool):
+    def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool):
         c = self.config
         x = _dense(c, c.hidden_size, "dense")(x, deterministic)
         x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -167,7 +167,7 @@ class TransformerLayer(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool):
         c = self.config
         x = Attention(c, name="attention")(x, mask, deterministic)
         h = Intermediate(c, name="intermediate")(x, deterministic)
@@ -178,7 +178,7 @@ class Attention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool):
         a = SelfAttention(self.config, name="self")(x, mask, deterministic)
         return AddNorm(self.config, name="output")(a, x, deterministic)
 
@@ -187,7 +187,7 @@ class Intermediate(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         c = self.config
         return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense")(x, deterministic))
 
@@ -196,7 +196,7 @@ class Encoder(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, special=None):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, special: jax.Array | None = None):
         c = self.config
         return Layers(TransformerLayer, c, c.num_hidden_layers, name="layer")(x, mask, deterministic, special=special)
 
@@ -205,7 +205,7 @@ class Pooler(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0], deterministic))
 
 
@@ -213,7 +213,7 @@ class Backbone(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool):
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array, deterministic: bool):
         c = self.config
         x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic)
         x = Encoder(c, name="encoder")(x, attention_mask.astype(bool), deterministic, input_ids - c.vocab_size)
@@ -229,7 +229,7 @@ class RobertaClassificationHead(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         c = self.config
         drop = Dropout(_classifier_dropout(c))
         x = drop(x[:, 0], deterministic=deterministic)
@@ -249,7 +249,13 @@ class Model(nn.Module):
     task: str = "base"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ):
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)

@@ -101,7 +101,7 @@ class Layers(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, *args, special=None):
+    def __call__(self, x: jax.Array, *args, special: jax.Array | None = None):
         block = maybe_remat(self.block, self.config.remat, len(args) + 1)
         for i in range(self.num_layers):
             x = block(self.config, name=str(i))(layer_input(self, str(i), x, special), *args)
@@ -121,7 +121,7 @@ class CachedLayers(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, cache, *args, special=None):
+    def __call__(self, x: jax.Array, cache: list | None, *args, special: jax.Array | None = None):
         block = maybe_remat(self.block, self.config.remat, len(args) + 2)
         new_cache = []
         for i in range(self.num_layers):

@@ -141,7 +141,9 @@ class Embeddings(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, mask, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array, deterministic: bool
+    ) -> jax.Array:
         c = self.config
         width = c.embedding_size or c.hidden_size
         x = _embed(c, c.vocab_size, width, "word_embeddings")(input_ids)
@@ -161,7 +163,14 @@ class DisentangledSelfAttention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        relative_pos: jax.Array | None,
+        rel_embeddings: jax.Array | None,
+        deterministic: bool,
+    ) -> jax.Array:
         c = self.config
         width = c.num_attention_heads * c.head_dim
         split_heads = lambda t: t.reshape(*t.shape[:-1], c.num_attention_heads, c.head_dim)
@@ -207,7 +216,7 @@ class Output(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, residual, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
         x = _dense(c, c.hidden_size, "dense")(x, deterministic)
         x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -218,7 +227,14 @@ class Attention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        relative_pos: jax.Array | None,
+        rel_embeddings: jax.Array | None,
+        deterministic: bool,
+    ) -> jax.Array:
         attend = DisentangledSelfAttention(self.config, name="self")
         h = attend(x, mask, relative_pos, rel_embeddings, deterministic)
         return Output(self.config, name="output")(h, x, deterministic)
@@ -228,7 +244,7 @@ class Intermediate(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
         return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense")(x, deterministic))
 
@@ -237,7 +253,14 @@ class Layer(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, relative_pos, rel_embeddings, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        relative_pos: jax.Array | None,
+        rel_embeddings: jax.Array | None,
+        deterministic: bool,
+    ) -> jax.Array:
         h = Attention(self.config, name="attention")(x, mask, relative_pos, rel_embeddings, deterministic)
         up = Intermediate(self.config, name="intermediate")(h, deterministic)
         return Output(self.config, name="output")(up, h, deterministic)
@@ -249,7 +272,16 @@ class Layers(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, index: int, x, mask, relative_pos, rel_embeddings, deterministic: bool, special=None):
+    def __call__(
+        self,
+        index: int,
+        x: jax.Array,
+        mask: jax.Array,
+        relative_pos: jax.Array | None,
+        rel_embeddings: jax.Array | None,
+        deterministic: bool,
+        special: jax.Array | None = None,
+    ):
         layer = maybe_remat(Layer, self.config.remat, deterministic_argnum=5)
         x = layer_input(self, str(index), x, special)  # prefix tuning's special tokens (lora_jax.prefix)
         return layer(self.config, name=str(index))(x, mask, relative_pos, rel_embeddings, deterministic)
@@ -261,7 +293,9 @@ class ConvLayer(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, embeddings, layer_output, mask, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, embeddings: jax.Array, layer_output: jax.Array, mask: jax.Array, deterministic: bool
+    ) -> jax.Array:
         c = self.config
         pad = (c.conv_kernel_size - 1) // 2
         out = nn.Conv(
@@ -284,7 +318,9 @@ class Encoder(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, special=None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, deterministic: bool, special: jax.Array | None = None
+    ) -> jax.Array:
         c = self.config
         relative_pos = rel_embeddings = None
         if c.relative_attention:
@@ -306,7 +342,13 @@ class DebertaV2Model(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
@@ -322,7 +364,7 @@ class ContextPooler(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, hidden, deterministic: bool) -> jax.Array:
+    def __call__(self, hidden: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
         x = Dropout(c.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
         x = _dense(c, c.pooler_hidden_size or c.hidden_size, "dense")(x, deterministic)
@@ -336,7 +378,13 @@ class DebertaV2(nn.Module):
     task: str = "base"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ):
         c = self.config
         hidden = DebertaV2Model(c, name="deberta")(input_ids, attention_mask, token_type_ids, deterministic)
         out = {"last_hidden_state": hidden}

@@ -107,7 +107,7 @@ class Embeddings(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids, deterministic: bool):
+    def __call__(self, input_ids: jax.Array, deterministic: bool):
         c = self.config
         normal = nn.initializers.normal(c.initializer_range)
         # A sinusoidal table is only where the weights start; transformers 5 leaves it trainable, and so do we.
@@ -129,7 +129,7 @@ class MultiHeadSelfAttention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool):
         c = self.config
         head_dim = c.dim // c.n_heads
         split = lambda t: t.reshape(*t.shape[:-1], c.n_heads, head_dim)  # (b, t, h, d)
@@ -147,7 +147,7 @@ class FFN(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         c = self.config
         h = ACTIVATIONS[c.activation](_dense(c, c.hidden_dim, "lin1")(x, deterministic))
         h = _dense(c, c.dim, "lin2")(h, deterministic)
@@ -160,7 +160,7 @@ class TransformerBlock(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool):
         c = self.config
         x = _layer_norm(c, "sa_layer_norm")(MultiHeadSelfAttention(c, name="attention")(x, mask, deterministic) + x)
         return _layer_norm(c, "output_layer_norm")(FFN(c, name="ffn")(x, deterministic) + x)
@@ -170,7 +170,7 @@ class Transformer(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, special=None):
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, special: jax.Array | None = None):
         layers = Layers(TransformerBlock, self.config, self.config.n_layers, name="layer")
         return layers(x, mask, deterministic, special=special)
 
@@ -179,7 +179,7 @@ class Backbone(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool):
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool):
         x = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
         special = input_ids - self.config.vocab_size
         x = Transformer(self.config, name="transformer")(x, attention_mask.astype(bool), deterministic, special)
@@ -193,7 +193,13 @@ class Model(nn.Module):
     task: str = "base"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ):
         del token_type_ids  # accepted for a uniform call signature; DistilBERT has no segment embeddings
         c = self.config
         if attention_mask is None:

@@ -390,7 +390,14 @@ def module_logits(module: Any) -> Callable[..., tuple[jax.Array, Any]]:
     never computed, which for a long prompt and a 50k vocabulary is most of the prefill's memory.
     """
 
-    def logits(params, tokens, positions, cache, mask, index):
+    def logits(
+        params: Mapping[str, Any],
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Any,
+        mask: jax.Array,
+        index: jax.Array | int,
+    ):
         out = module.apply(
             {"params": params}, tokens, mask, position_ids=positions, cache=cache, cache_index=index,
             last_logits_only=True,

@@ -113,7 +113,9 @@ class Attention(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, kv: dict | None, cache_index):
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: dict | None, cache_index: jax.Array | int
+    ):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         batch, length, _ = x.shape
         qkv = dense(cfg, 3 * cfg.n_embd, "c_attn", cfg.initializer_range)(x, deterministic)
@@ -138,7 +140,7 @@ class MLP(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         cfg = self.config
         h = dense(cfg, cfg.inner_dim, "c_fc", cfg.initializer_range)(x, deterministic)
         h = ACTIVATIONS[cfg.activation_function](h)
@@ -160,7 +162,9 @@ class Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x, kv: dict | None, mask, cache_index, deterministic: bool):
+    def __call__(
+        self, x: jax.Array, kv: dict | None, mask: jax.Array, cache_index: jax.Array | int, deterministic: bool
+    ):
         h, kv = Attention(self.config, self.layer_idx, name="attn")(
             _layer_norm(self.config, "ln_1")(x), mask, deterministic, kv, cache_index
         )
@@ -187,7 +191,16 @@ class GPT2Model(nn.Module):
         self.h = CachedLayers(Block, cfg, cfg.n_layer)  # blocks h.0 .. h.<n_layer - 1>, as HF
         self.ln_f = _layer_norm(cfg, "ln_f")
 
-    def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, deterministic, cache, cache_index):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        token_type_ids: jax.Array | None,
+        position_ids: jax.Array | None,
+        deterministic: bool,
+        cache: Cache | None,
+        cache_index: jax.Array | int,
+    ):
         if position_ids is None:
             position_ids = cache_index + jnp.arange(input_ids.shape[1])[None, :]
         mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)

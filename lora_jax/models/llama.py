@@ -161,12 +161,20 @@ class Attention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv: dict | None, cache_index, deterministic: bool):
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        kv: dict | None,
+        cache_index: jax.Array | int,
+        deterministic: bool,
+    ):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         batch, length, _ = x.shape
         std = cfg.initializer_range
 
-        def project(name, heads):
+        def project(name: str, heads: int):
             out = dense(cfg, heads * cfg.head_dim, name, std, use_bias=cfg.qkv_bias)(x, deterministic)
             return out.reshape(batch, length, heads, cfg.head_dim)
 
@@ -189,7 +197,7 @@ class MLP(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         cfg = self.config
         linear = lambda features, name: dense(cfg, features, name, cfg.initializer_range, use_bias=cfg.mlp_bias)
         gate = ACTIVATIONS[cfg.hidden_act](linear(cfg.intermediate_size, "gate_proj")(x, deterministic))
@@ -201,7 +209,15 @@ class Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x, kv: dict | None, positions, mask, cache_index, deterministic: bool):
+    def __call__(
+        self,
+        x: jax.Array,
+        kv: dict | None,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache_index: jax.Array | int,
+        deterministic: bool,
+    ):
         cfg = self.config
         h, kv = Attention(cfg, name="self_attn")(
             rms_norm(cfg, cfg.rms_norm_eps, "input_layernorm")(x), positions, mask, kv, cache_index, deterministic
@@ -226,7 +242,15 @@ class LlamaModel(nn.Module):
         self.layers = CachedLayers(Block, cfg, cfg.num_hidden_layers)  # layers.0 .. as HF
         self.norm = rms_norm(cfg, cfg.rms_norm_eps, "norm")
 
-    def __call__(self, input_ids, attention_mask, position_ids, deterministic, cache, cache_index):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        position_ids: jax.Array | None,
+        deterministic: bool,
+        cache: Cache | None,
+        cache_index: jax.Array | int,
+    ):
         if position_ids is None:  # as transformers: slot numbers, padding included
             position_ids = jnp.broadcast_to(cache_index + jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)

@@ -149,7 +149,16 @@ class Attention(nn.Module):
     has_relative_bias: bool = False
 
     @nn.compact
-    def __call__(self, x, source, mask, position_bias, deterministic: bool, kv: dict | None, cache_index):
+    def __call__(
+        self,
+        x: jax.Array,
+        source: jax.Array | None,
+        mask: jax.Array,
+        position_bias: jax.Array | None,
+        deterministic: bool,
+        kv: dict | None,
+        cache_index: jax.Array | int,
+    ):
         c = self.config
         inner = c.num_heads * c.d_kv
         split = lambda t: t.reshape(*t.shape[:-1], c.num_heads, c.d_kv)  # noqa: E731
@@ -192,7 +201,16 @@ class AttentionLayer(nn.Module):
     has_relative_bias: bool = False
 
     @nn.compact
-    def __call__(self, x, source, mask, position_bias, deterministic, kv, cache_index):
+    def __call__(
+        self,
+        x: jax.Array,
+        source: jax.Array | None,
+        mask: jax.Array,
+        position_bias: jax.Array | None,
+        deterministic: bool,
+        kv: dict | None,
+        cache_index: jax.Array | int,
+    ):
         c = self.config
         cross = self.attention_name == "EncDecAttention"
         h, position_bias, kv = Attention(c, cross, self.causal, self.has_relative_bias, name=self.attention_name)(
@@ -207,7 +225,7 @@ class FeedForward(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         h = DenseReluDense(self.config, name="DenseReluDense")(_norm(self.config)(x), deterministic)
         return x + Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
 
@@ -216,7 +234,7 @@ class DenseReluDense(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         c = self.config
         act = ACTIVATIONS[c.activation]
         if c.gated:
@@ -236,7 +254,17 @@ class SubLayers(nn.Module):
     first: bool  # the first block owns the relative position bias
 
     @nn.compact
-    def __call__(self, x, mask, position_bias, encoder_hidden, encoder_mask, deterministic, kv, cache_index):
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        position_bias: jax.Array | None,
+        encoder_hidden: jax.Array | None,
+        encoder_mask: jax.Array | None,
+        deterministic: bool,
+        kv: dict | None,
+        cache_index: jax.Array | int,
+    ):
         c = self.config
         self_attention = AttentionLayer(c, "SelfAttention", self.decoder, self.first, name="0")
         x, position_bias, kv = self_attention(x, None, mask, position_bias, deterministic, kv, cache_index)
@@ -253,7 +281,17 @@ class Block(nn.Module):
     first: bool
 
     @nn.compact
-    def __call__(self, x, mask, position_bias, encoder_hidden, encoder_mask, deterministic, kv, cache_index):
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        position_bias: jax.Array | None,
+        encoder_hidden: jax.Array | None,
+        encoder_mask: jax.Array | None,
+        deterministic: bool,
+        kv: dict | None,
+        cache_index: jax.Array | int,
+    ):
         return SubLayers(self.config, self.decoder, self.first, name="layer")(
             x, mask, position_bias, encoder_hidden, encoder_mask, deterministic, kv, cache_index
         )
@@ -266,7 +304,16 @@ class Blocks(nn.Module):
     decoder: bool
 
     @nn.compact
-    def __call__(self, x, mask, encoder_hidden, encoder_mask, deterministic, cache, cache_index):
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        encoder_hidden: jax.Array | None,
+        encoder_mask: jax.Array | None,
+        deterministic: bool,
+        cache: Cache | None,
+        cache_index: jax.Array | int,
+    ):
         c = self.config
         block = maybe_remat(Block, c.remat, deterministic_argnum=6)
         position_bias, new_cache = None, []
@@ -286,7 +333,16 @@ class Stack(nn.Module):
     decoder: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, encoder_hidden, encoder_mask, deterministic, cache=None, cache_index=0):
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        encoder_hidden: jax.Array | None,
+        encoder_mask: jax.Array | None,
+        deterministic: bool,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+    ):
         c = self.config
         drop = Dropout(c.dropout_rate)
         x = drop(x, deterministic=deterministic)
@@ -329,7 +385,9 @@ class T5(nn.Module):
         out = self.decode(decoder_input_ids, encoded, attention_mask, decoder_attention_mask, deterministic)
         return {**out, "encoder_last_hidden_state": encoded}
 
-    def encode(self, input_ids, attention_mask=None, deterministic: bool = True) -> dict[str, jax.Array]:
+    def encode(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True
+    ) -> dict[str, jax.Array]:
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]
