@@ -25,6 +25,7 @@ GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # res
 GRID_TASKS = ("mrpc", "rte", "stsb")  # where each method's rate is selected; other tasks borrow (`borrowed_rates`)
 WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
 TEXT_TOKENS = 128  # every row's text budget (data.max_len; prefix methods add their special tokens to it)
+DEV_ROWS = {"mrpc": 408, "rte": 277, "sst2": 872}  # GLUE dev sizes of the accuracy tasks: one row is 100/n points
 PLATEAU = 0.25  # points: a last-epoch best this close to an earlier epoch is a plateau (one MRPC dev row: 0.245)
 
 
@@ -277,7 +278,8 @@ def verdicts(
     runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str], unsettled: set[tuple[str, str]] = frozenset()
 ) -> list[str]:
     """One line per task with both tuned rows, and the sentence of what reproduced: LoRA q,v within WITHIN
-    points of FT (median against median), with the seed ranges and the seed counts. A task is provisional with
+    points of FT (median against median), with the seed ranges, the seed counts and, on an accuracy task, how
+    many dev rows the gap is (RTE's 277 rows make one row 0.36 points). A task is provisional with
     fewer than 3 seeds a side or a learning-rate grid (`unsettled`) not finished."""
     lines, held, failed = [], [], []
     for t in tasks:
@@ -293,8 +295,9 @@ def verdicts(
         why = [f"{min(len(ft), len(lora))} seed(s), not 3"] if min(len(ft), len(lora)) < 3 else []
         why += ["learning-rate grid unfinished"] if {(t, "full"), (t, "lora")} & set(unsettled) else []
         note = f" (provisional: {'; '.join(why)})" if why else ""
+        rows = f"; {abs(gap) * DEV_ROWS[t] / 100:.0f} of {DEV_ROWS[t]} dev rows" if t in DEV_ROWS else ""
         lines.append(
-            f"- {TITLES[t]}: LoRA within {WITHIN:g} point of FT: **{'yes' if ok else 'no'}** — gap {gap:+.1f} "
+            f"- {TITLES[t]}: LoRA within {WITHIN:g} point of FT: **{'yes' if ok else 'no'}** — gap {gap:+.1f}{rows} "
             f"(LoRA {med(lora):.1f}, n={len(lora)}{rng(lora)}; FT {med(ft):.1f}, n={len(ft)}{rng(ft)}){note}."
         )
         (held if ok else failed).append(f"{TITLES[t]} {gap:+.1f}" + ("*" if why else ""))

@@ -79,10 +79,11 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     assert "80.0 <sub>n=2 79.0–81.0, best ep 3,4⚠ " in rows["| LoRA r=8 α=8 q,v (tuned lr)"]
     assert "85.0 <sub>n=1, best ep 3 " in rows["| LoRA r=8 α=16 q,v (tuned lr)"]
     mrpc = next(line for line in lines if line.startswith("- MRPC"))
-    assert "**no** — gap -3.0 (LoRA 80.0, n=2, range 79.0–81.0; FT 83.0, n=3, range 82.0–84.0)" in mrpc
+    assert ("**no** — gap -3.0; 12 of 408 dev rows (LoRA 80.0, n=2, range 79.0–81.0; FT 83.0, n=3, range 82.0–84.0)"
+            in mrpc)
     assert "provisional: 2 seed(s), not 3" in mrpc
     rte = next(line for line in lines if line.startswith("- RTE"))
-    assert "**yes** — gap +1.0" in rte and "learning-rate grid unfinished" in rte
+    assert "**yes** — gap +1.0; 3 of 277 dev rows" in rte and "learning-rate grid unfinished" in rte
     assert lines[-1].startswith("Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
                                 "RTE +1.0* and fails on MRPC -3.0*")
 
