@@ -251,8 +251,30 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
             title += " (one lr: " + ", ".join(sorted({f"{p.lr:g}" for p in some})) + ", not tuned)"
         counts = "/".join(sorted({f"{p.trainable:,}" for p in some if p.trainable})) or "—"
         lines.append(f"| {title} | {counts} | " + " | ".join(cells) + " |")
-    lines += ["", *verdicts(runs, tasks, unsettled), *anchors(runs, tasks)]
+    lines += ["", *verdicts(runs, tasks, unsettled), *diagnoses(runs, tasks), *anchors(runs, tasks)]
     return lines
+
+
+def diagnoses(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) -> list[str]:
+    """Where tuned LoRA trails FT by more than WITHIN, what its runs say about why: under-training (do its seeds
+    peak at the last epoch?) and capacity (does another LoRA row at the same rate, such as all linear layers,
+    a larger α or a larger r, come within WITHIN of FT?)."""
+    lines = []
+    med = lambda rs: statistics.median(100 * p.best for p in rs)  # noqa: E731
+    for t in tasks:
+        ft, lora = runs.get((t, GRID_VARIANT["full"])), runs.get((t, GRID_VARIANT["lora"]))
+        if not ft or not lora or med(lora) - med(ft) >= -WITHIN:
+            continue
+        last = sum(p.best_epoch == p.epochs - 1 for p in lora)
+        why = [f"under-training: {last} of {len(lora)} LoRA seeds peak at the last of {lora[0].epochs} epochs "
+               f"(best epochs {','.join(str(p.best_epoch + 1) for p in lora)})"]  # fmt: skip
+        others = sorted(v for (task, v) in runs if task == t and v[0] == "lora" and v != GRID_VARIANT["lora"])
+        closes = [f"{_variant_title(v).removesuffix(' (tuned lr)')} {med(runs[(t, v)]):.1f} (n={len(runs[(t, v)])}, "
+                  f"{'closes it' if med(runs[(t, v)]) - med(ft) >= -WITHIN else 'does not close it'})"
+                  for v in others]  # fmt: skip
+        why.append("capacity: " + ("; ".join(closes) if closes else "no other LoRA row run yet"))
+        lines.append(f"- Why LoRA trails on {TITLES[t]} (FT {med(ft):.1f}): " + "; ".join(why) + ".")
+    return ["", *lines] if lines else []
 
 
 def anchors(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) -> list[str]:

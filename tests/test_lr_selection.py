@@ -82,10 +82,15 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     assert ("**no** — gap -3.0; 12 of 408 dev rows (LoRA 80.0, n=2, range 79.0–81.0; FT 83.0, n=3, range 82.0–84.0)"
             in mrpc)
     assert "provisional: 2 seed(s), not 3" in mrpc
+    why = next(line for line in lines if line.startswith("- Why LoRA trails on MRPC (FT 83.0)"))
+    assert "under-training: 1 of 2 LoRA seeds peak at the last of 4 epochs (best epochs 3,4)" in why
+    assert "capacity: LoRA r=8 α=16 q,v 85.0 (n=1, closes it)" in why
+    assert not any(line.startswith("- Why LoRA trails on RTE") for line in lines)  # RTE's LoRA is ahead
     rte = next(line for line in lines if line.startswith("- RTE"))
     assert "**yes** — gap +1.0; 3 of 277 dev rows" in rte and "learning-rate grid unfinished" in rte
-    assert lines[-1].startswith("Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
-                                "RTE +1.0* and fails on MRPC -3.0*")
+    sentence = next(line for line in lines if line.startswith("Under the tuned protocol"))
+    assert sentence.startswith("Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
+                               "RTE +1.0* and fails on MRPC -3.0*")
 
 
 def test_a_baseline_at_one_rate_is_labelled_untuned_and_no_star_without_provisional_tasks(tmp_path):
