@@ -230,7 +230,8 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
             if m in GRID_LRS
         )
         + (
-            f"; {', '.join(others)} (no grid of {'its' if len(others) == 1 else 'their'} own): the middle of each method's selected rates, "
+            f"; {', '.join(others)} (no grid of {'its' if len(others) == 1 else 'their'} own): the middle of each "
+            "method's selected rates, "
             + ", ".join(f"{METHODS.get(m, m)} {lr:g}" for m, lr in sorted(shared.items()))
             if others
             else ""
