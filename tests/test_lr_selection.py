@@ -148,7 +148,7 @@ def test_cola_borrows_the_middle_of_each_methods_selected_rates(tmp_path):
     assert ("cola", "lora") not in selected(read_grid(tmp_path))
     assert "CoLA" not in lr_selection_table(tmp_path, tmp_path / "tables")
     lines = tuned_section(tmp_path, tmp_path / "tables")
-    assert any("CoLA (no grid of their own): the middle of each method's selected rates, full FT 5e-05, "
+    assert any("CoLA (no grid of its own): the middle of each method's selected rates, full FT 5e-05, "
                "LoRA r=8 α=8 W_q,W_v 0.001." in line for line in lines)  # fmt: skip
     cola = next(line for line in lines if line.startswith("- CoLA"))
     assert "**no** — gap -3.0 (LoRA 53.0, n=3, range 52.0–54.0; FT 56.0, n=3, range 55.0–57.0)." in cola
