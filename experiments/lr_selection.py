@@ -268,7 +268,7 @@ def diagnoses(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) 
             continue
         last = sum(p.best_epoch == p.epochs - 1 for p in lora)
         why = [f"under-training: {last} of {len(lora)} LoRA seeds peak at the last of {lora[0].epochs} epochs "
-               f"(best epochs {','.join(str(p.best_epoch + 1) for p in lora)})"]  # fmt: skip
+               f"(best epochs {','.join(f'{p.best_epoch + 1}{p.epoch_mark}' for p in lora)})"]  # fmt: skip
         others = sorted(v for (task, v) in runs if task == t and v[0] == "lora" and v != GRID_VARIANT["lora"])
         closes = [f"{_variant_title(v).removesuffix(' (tuned lr)')} {med(runs[(t, v)]):.1f} (n={len(runs[(t, v)])}, "
                   f"{'closes it' if med(runs[(t, v)]) - med(ft) >= -WITHIN else 'does not close it'})"

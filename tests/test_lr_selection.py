@@ -83,7 +83,7 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
             in mrpc)
     assert "provisional: 2 seed(s), not 3" in mrpc
     why = next(line for line in lines if line.startswith("- Why LoRA trails on MRPC (FT 83.0)"))
-    assert "under-training: 1 of 2 LoRA seeds peak at the last of 4 epochs (best epochs 3,4)" in why
+    assert "under-training: 1 of 2 LoRA seeds peak at the last of 4 epochs (best epochs 3,4⚠)" in why
     assert "capacity: LoRA r=8 α=16 q,v 85.0 (n=1, closes it)" in why
     assert not any(line.startswith("- Why LoRA trails on RTE") for line in lines)  # RTE's LoRA is ahead
     rte = next(line for line in lines if line.startswith("- RTE"))
