@@ -23,6 +23,7 @@ METHODS = {"lora": "LoRA r=8 α=8 W_q,W_v", "full": "full FT"}
 GRID_VARIANT = {"lora": ("lora", 8, 8.0, ("q", "v")), "full": ("full",)}  # what the grid is run with, per method
 GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # results/glue_minilm_lrsel/COMMANDS.md
 GRID_TASKS = ("mrpc", "rte", "stsb")  # where each method's rate is selected; other tasks borrow (`borrowed_rates`)
+EPOCHS = 10  # the protocol's schedule (conf/exp/glue_minilm_lrsel.yaml); a run with other epochs is a row of its own
 WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
 TEXT_TOKENS = 128  # every row's text budget (data.max_len; prefix methods add their special tokens to it)
 DEV_ROWS = {"mrpc": 408, "rte": 277, "sst2": 872}  # GLUE dev sizes of the accuracy tasks: one row is 100/n points
@@ -85,7 +86,14 @@ def _variant(cfg: dict, folder_name: str) -> tuple:
     """The row a run belongs to; PEFT+torch reference runs (experiments/peft_reference.py writes peft_<run>) get
     their own "peft" row, so they never select a learning rate or count as lora_jax seeds. A prefix run whose text
     had fewer than TEXT_TOKENS tokens (its special tokens took part of data.max_len: runs from before
-    `text_plus_special`) is a row of its own too: it saw less of each example than every other row."""
+    `text_plus_special`) is a row of its own too: it saw less of each example than every other row. So is a run
+    trained for other than EPOCHS epochs (a longer schedule, the paper's 30-80 epochs, asks about under-training)."""
+    epochs = int(cfg.get("optim", {}).get("epochs", EPOCHS))
+    longer = () if epochs == EPOCHS else (f"{epochs} epochs",)
+    return _row(cfg, folder_name) + longer
+
+
+def _row(cfg: dict, folder_name: str) -> tuple:
     if cfg["method"] != "lora":
         prefix, max_len = cfg.get("prefix") or {}, cfg.get("data", {}).get("max_len")
         if cfg["method"].startswith("prefix_") and max_len is not None:
@@ -170,8 +178,9 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
 def _variant_title(variant: tuple) -> str:
     if variant[0] not in ("lora", "peft"):
         return {"full": "FT (tuned)"}.get(variant[0], variant[0]) + "".join(f", {v}" for v in variant[1:])
-    kind, r, alpha, targets = variant
+    kind, r, alpha, targets, *longer = variant
     where = "all linear" if list(targets) in (["all-linear"], ["q", "k", "v", "o", "mlp"]) else ",".join(targets)
+    where += "".join(f", {v}" for v in longer)
     if kind == "peft":
         return f"PEFT+torch LoRA r={r} α={alpha:g} {where} (at LoRA's tuned lr)"
     return f"LoRA r={r} α={alpha:g} {where} (tuned lr)"
@@ -258,22 +267,25 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
 
 def diagnoses(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) -> list[str]:
     """Where tuned LoRA trails FT by more than WITHIN, what its runs say about why: under-training (do its seeds
-    peak at the last epoch?) and capacity (does another LoRA row at the same rate, such as all linear layers,
-    a larger α or a larger r, come within WITHIN of FT?)."""
+    peak at the last epoch? does the same row on a longer schedule come within WITHIN of FT?) and capacity (does
+    another LoRA row at the same rate, such as all linear layers, a larger α or a larger r, come within WITHIN?)."""
     lines = []
     med = lambda rs: statistics.median(100 * p.best for p in rs)  # noqa: E731
     for t in tasks:
         ft, lora = runs.get((t, GRID_VARIANT["full"])), runs.get((t, GRID_VARIANT["lora"]))
         if not ft or not lora or med(lora) - med(ft) >= -WITHIN:
             continue
-        last = sum(p.best_epoch == p.epochs - 1 for p in lora)
+        last = sum(p.best_epoch == len(p.scores) - 1 for p in lora)
         why = [f"under-training: {last} of {len(lora)} LoRA seeds peak at the last of {lora[0].epochs} epochs "
                f"(best epochs {','.join(f'{p.best_epoch + 1}{p.epoch_mark}' for p in lora)})"]  # fmt: skip
         others = sorted(v for (task, v) in runs if task == t and v[0] == "lora" and v != GRID_VARIANT["lora"])
-        closes = [f"{_variant_title(v).removesuffix(' (tuned lr)')} {med(runs[(t, v)]):.1f} (n={len(runs[(t, v)])}, "
-                  f"{'closes it' if med(runs[(t, v)]) - med(ft) >= -WITHIN else 'does not close it'})"
-                  for v in others]  # fmt: skip
-        why.append("capacity: " + ("; ".join(closes) if closes else "no other LoRA row run yet"))
+        closes = {v: f"{_variant_title(v).removesuffix(' (tuned lr)')} {med(runs[(t, v)]):.1f} (n={len(runs[(t, v)])}, "
+                     f"{'closes it' if med(runs[(t, v)]) - med(ft) >= -WITHIN else 'does not close it'})"
+                  for v in others}  # fmt: skip
+        longer = [closes[v] for v in others if v[:4] == GRID_VARIANT["lora"]]  # same row, another schedule
+        wider = [closes[v] for v in others if v[:4] != GRID_VARIANT["lora"]]
+        why[0] += "".join(f"; {c}" for c in longer)
+        why.append("capacity: " + ("; ".join(wider) if wider else "no other LoRA row run yet"))
         lines.append(f"- Why LoRA trails on {TITLES[t]} (FT {med(ft):.1f}): " + "; ".join(why) + ".")
     return ["", *lines] if lines else []
 

@@ -8,12 +8,21 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import lr_selection  # noqa: E402
 from lr_selection import lr_selection_table, read_grid, selected, tuned_section  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def four_epoch_protocol(monkeypatch):
+    """The fake runs below train 4 epochs: make that the protocol's schedule (runs with other epochs are rows of
+    their own)."""
+    monkeypatch.setattr(lr_selection, "EPOCHS", 4)
 
 
 def fake_point(results: Path, task: str, method: str, lr: float, scores: list[float], finished: bool = True,
@@ -68,6 +77,8 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.99, 0.8, 0.8], seed=2, finished=False)  # never a seed
     fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.99, 0.8, 0.8, 0.8], seed=1)  # another lr: not a seed
     fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.8, 0.85, 0.8], alpha=16)  # a variant row: never selects
+    longer = {"optim": {"lr": 2e-3, "epochs": 8}}  # the grid setting on a longer schedule: a row, never a grid point
+    fake_point(tmp_path, "mrpc", "lora", 2e-3, [0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.82], extra=longer, name="long")
     fake_point(tmp_path, "rte", "full", 2e-5, [0.55, 0.60, 0.58, 0.57])
     fake_point(tmp_path, "rte", "lora", 1e-3, [0.55, 0.58, 0.59, 0.61])
 
@@ -84,7 +95,8 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     assert "provisional: 2 seed(s), not 3" in mrpc
     why = next(line for line in lines if line.startswith("- Why LoRA trails on MRPC (FT 83.0)"))
     assert "under-training: 1 of 2 LoRA seeds peak at the last of 4 epochs (best epochs 3,4⚠)" in why
-    assert "capacity: LoRA r=8 α=16 q,v 85.0 (n=1, closes it)" in why
+    assert "(best epochs 3,4⚠); LoRA r=8 α=8 q,v, 8 epochs 82.0 (n=1, closes it); capacity: LoRA r=8 α=16" in why
+    assert "82.0 <sub>n=1, best ep 8⚠ " in rows["| LoRA r=8 α=8 q,v, 8 epochs (tuned lr)"]
     assert not any(line.startswith("- Why LoRA trails on RTE") for line in lines)  # RTE's LoRA is ahead
     rte = next(line for line in lines if line.startswith("- RTE"))
     assert "**yes** — gap +1.0; 3 of 277 dev rows" in rte and "learning-rate grid unfinished" in rte
