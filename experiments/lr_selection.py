@@ -240,8 +240,7 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
         )
         + (
             f"; {', '.join(others)} (no grid of {'its' if len(others) == 1 else 'their'} own): the middle of each "
-            "method's selected rates, "
-            + ", ".join(f"{METHODS.get(m, m)} {lr:g}" for m, lr in sorted(shared.items()))
+            "method's selected rates, " + ", ".join(f"{METHODS.get(m, m)} {lr:g}" for m, lr in sorted(shared.items()))
             if others
             else ""
         )
@@ -265,12 +264,16 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
     return lines
 
 
+def median_best(runs: list[GridPoint]) -> float:
+    """The median over seeds of each run's best dev metric, in points: what a verdict compares."""
+    return statistics.median(100 * p.best for p in runs)
+
+
 def diagnoses(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) -> list[str]:
     """Where tuned LoRA trails FT by more than WITHIN, what its runs say about why: under-training (do its seeds
     peak at the last epoch? does the same row on a longer schedule come within WITHIN of FT?) and capacity (does
     another LoRA row at the same rate, such as all linear layers, a larger α or a larger r, come within WITHIN?)."""
-    lines = []
-    med = lambda rs: statistics.median(100 * p.best for p in rs)  # noqa: E731
+    lines, med = [], median_best
     for t in tasks:
         ft, lora = runs.get((t, GRID_VARIANT["full"])), runs.get((t, GRID_VARIANT["lora"]))
         if not ft or not lora or med(lora) - med(ft) >= -WITHIN:
@@ -298,7 +301,7 @@ def anchors(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) ->
         ours, ref = runs.get((t, GRID_VARIANT["lora"])), runs.get((t, ("peft", *GRID_VARIANT["lora"][1:])))
         if not ours or not ref:
             continue
-        med = statistics.median(100 * p.best for p in ours)
+        med = median_best(ours)
         lo, hi = min(100 * p.best for p in ref), max(100 * p.best for p in ref)
         ok = lo <= med <= hi
         note = f" (provisional: {len(ref)} PEFT seed(s), not 3)" if len(ref) < 3 else ""
@@ -321,7 +324,7 @@ def verdicts(
         ft, lora = runs.get((t, GRID_VARIANT["full"])), runs.get((t, GRID_VARIANT["lora"]))
         if not ft or not lora:
             continue
-        med = lambda rs: statistics.median(100 * p.best for p in rs)  # noqa: E731
+        med = median_best
         rng = lambda rs: (  # noqa: E731
             f", range {min(100 * p.best for p in rs):.1f}–{max(100 * p.best for p in rs):.1f}" if len(rs) > 1 else ""
         )

@@ -62,8 +62,9 @@ def test_selection_picks_the_best_finished_point_and_flags_a_last_epoch_best(tmp
     assert "**80.0** | 2 / 4 | finished" in rows[1]
     assert "90.0 | 2 / 2 | training (2/4 epochs)" in rows[2] and "**" not in rows[2]
     assert "86.4 | 4 ≈ / 4 | finished" in table  # within PLATEAU of epoch 3: not flagged as under-trained
-    assert ("MRPC LoRA r=8 α=8 W_q,W_v lr 0.001 (80.0), provisional: 1 still training; "
-            "STS-B full FT lr 2e-05 (87.0).") in table
+    assert (
+        "MRPC LoRA r=8 α=8 W_q,W_v lr 0.001 (80.0), provisional: 1 still training; STS-B full FT lr 2e-05 (87.0)."
+    ) in table
 
 
 def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
@@ -90,8 +91,9 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     assert "80.0 <sub>n=2 79.0–81.0, best ep 3,4⚠ " in rows["| LoRA r=8 α=8 q,v (tuned lr)"]
     assert "85.0 <sub>n=1, best ep 3 " in rows["| LoRA r=8 α=16 q,v (tuned lr)"]
     mrpc = next(line for line in lines if line.startswith("- MRPC"))
-    assert ("**no** — gap -3.0; 12 of 408 dev rows (LoRA 80.0, n=2, range 79.0–81.0; FT 83.0, n=3, range 82.0–84.0)"
-            in mrpc)
+    assert (
+        "**no** — gap -3.0; 12 of 408 dev rows (LoRA 80.0, n=2, range 79.0–81.0; FT 83.0, n=3, range 82.0–84.0)" in mrpc
+    )
     assert "provisional: 2 seed(s), not 3" in mrpc
     why = next(line for line in lines if line.startswith("- Why LoRA trails on MRPC (FT 83.0)"))
     assert "under-training: 1 of 2 LoRA seeds peak at the last of 4 epochs (best epochs 3,4⚠)" in why
@@ -101,8 +103,10 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     rte = next(line for line in lines if line.startswith("- RTE"))
     assert "**yes** — gap +1.0; 3 of 277 dev rows" in rte and "learning-rate grid unfinished" in rte
     sentence = next(line for line in lines if line.startswith("Under the tuned protocol"))
-    assert sentence.startswith("Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
-                               "RTE +1.0* and fails on MRPC -3.0*")
+    assert sentence.startswith(
+        "Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
+        "RTE +1.0* and fails on MRPC -3.0*"
+    )
 
 
 def test_a_baseline_at_one_rate_is_labelled_untuned_and_no_star_without_provisional_tasks(tmp_path):
@@ -180,8 +184,9 @@ def test_a_prefix_run_whose_text_was_cut_is_its_own_row_and_never_a_grid_point(t
     fake_point(tmp_path, "mrpc", "full", 5e-5, [0.80, 0.82])
     fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.78, 0.80])
     prefix = {"prefix": {"l_p": 32, "l_i": 0}}
-    fake_point(tmp_path, "mrpc", "prefix_layer", 2e-3, [0.70, 0.74], extra={**prefix, "data": {"max_len": 128}},
-               name="old_cut")  # before text_plus_special: 96 text tokens
+    fake_point(
+        tmp_path, "mrpc", "prefix_layer", 2e-3, [0.70, 0.74], extra={**prefix, "data": {"max_len": 128}}, name="old_cut"
+    )  # before text_plus_special: 96 text tokens
     fake_point(tmp_path, "mrpc", "prefix_layer", 1e-2, [0.72, 0.73], extra={**prefix, "data": {"max_len": 160}})
     assert ("mrpc", "prefix_layer") in selected(read_grid(tmp_path))
     assert selected(read_grid(tmp_path))[("mrpc", "prefix_layer")].lr == 1e-2  # the cut run is not a grid point
