@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import scipy.stats
 import yaml
 
 from lora_jax.data import main_metric
@@ -312,6 +313,23 @@ def anchors(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) ->
     return ["", *lines] if lines else []
 
 
+def seed_interval(lora: list[GridPoint], ft: list[GridPoint]) -> str:
+    """The 95% confidence interval of the mean LoRA − FT gap over seeds (Welch's t), and whether it settles the
+    verdict: a median gap says where the seeds sit, the interval says whether this many seeds can tell."""
+    if min(len(lora), len(ft)) < 2:
+        return ""
+    a, b = [100 * p.best for p in lora], [100 * p.best for p in ft]
+    if statistics.pvariance(a) + statistics.pvariance(b) == 0:
+        return ""
+    ci = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    settled = (
+        f"the seeds show LoRA within {WITHIN:g}" if ci.low >= -WITHIN
+        else f"the seeds show LoRA trails by more than {WITHIN:g}" if ci.high < -WITHIN
+        else "too few seeds to settle it either way"
+    )  # fmt: skip
+    return f"; mean gap's 95% CI over seeds {ci.low:+.1f} to {ci.high:+.1f} (Welch t): {settled}"
+
+
 def verdicts(
     runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str], unsettled: set[tuple[str, str]] = frozenset()
 ) -> list[str]:
@@ -319,7 +337,7 @@ def verdicts(
     points of FT (median against median), with the seed ranges, the seed counts and, on an accuracy task, how
     many dev rows the gap is (RTE's 277 rows make one row 0.36 points). A task is provisional with
     fewer than 3 seeds a side or a learning-rate grid (`unsettled`) not finished."""
-    lines, held, failed = [], [], []
+    lines, held, failed, sure, unsure = [], [], [], [], []
     for t in tasks:
         ft, lora = runs.get((t, GRID_VARIANT["full"])), runs.get((t, GRID_VARIANT["lora"]))
         if not ft or not lora:
@@ -328,7 +346,7 @@ def verdicts(
         rng = lambda rs: (  # noqa: E731
             f", range {min(100 * p.best for p in rs):.1f}–{max(100 * p.best for p in rs):.1f}" if len(rs) > 1 else ""
         )
-        gap = med(lora) - med(ft)
+        gap, interval = med(lora) - med(ft), seed_interval(lora, ft)
         ok = gap >= -WITHIN
         why = [f"{min(len(ft), len(lora))} seed(s), not 3"] if min(len(ft), len(lora)) < 3 else []
         why += ["learning-rate grid unfinished"] if {(t, "full"), (t, "lora")} & set(unsettled) else []
@@ -336,13 +354,19 @@ def verdicts(
         rows = f"; {abs(gap) * DEV_ROWS[t] / 100:.0f} of {DEV_ROWS[t]} dev rows" if t in DEV_ROWS else ""
         lines.append(
             f"- {TITLES[t]}: LoRA within {WITHIN:g} point of FT: **{'yes' if ok else 'no'}** — gap {gap:+.1f}{rows} "
-            f"(LoRA {med(lora):.1f}, n={len(lora)}{rng(lora)}; FT {med(ft):.1f}, n={len(ft)}{rng(ft)}){note}."
+            f"(LoRA {med(lora):.1f}, n={len(lora)}{rng(lora)}; FT {med(ft):.1f}, n={len(ft)}{rng(ft)}){note}"
+            f"{interval}."
         )
         (held if ok else failed).append(f"{TITLES[t]} {gap:+.1f}" + ("*" if why else ""))
+        if interval:
+            (unsure if "too few seeds" in interval else sure).append(TITLES[t])
     if lines:
         starred = any(x.endswith("*") for x in held + failed)
         sentence = (f"Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "
                     f"{', '.join(held) or 'no task'} and fails on {', '.join(failed) or 'no task'} (LoRA − FT, "
                     f"points{'; * provisional, as above' if starred else ''}).")  # fmt: skip
+        if sure or unsure:
+            sentence += (f" The seeds' 95% intervals settle {', '.join(sure) or 'no task'}; "
+                         f"{', '.join(unsure) or 'no task'} would need more seeds.")  # fmt: skip
         lines += ["", sentence]
     return lines

@@ -167,7 +167,8 @@ def test_cola_borrows_the_middle_of_each_methods_selected_rates(tmp_path):
     assert any("CoLA (no grid of its own): the middle of each method's selected rates, full FT 5e-05, "
                "LoRA r=8 α=8 W_q,W_v 0.001." in line for line in lines)  # fmt: skip
     cola = next(line for line in lines if line.startswith("- CoLA"))
-    assert "**no** — gap -3.0 (LoRA 53.0, n=3, range 52.0–54.0; FT 56.0, n=3, range 55.0–57.0)." in cola
+    assert "**no** — gap -3.0 (LoRA 53.0, n=3, range 52.0–54.0; FT 56.0, n=3, range 55.0–57.0); " in cola
+    assert any(line.endswith("The seeds' 95% intervals settle no task; CoLA would need more seeds.") for line in lines)
 
 
 def test_a_baseline_with_a_grid_of_its_own_says_its_rate_was_selected(tmp_path):
@@ -193,3 +194,26 @@ def test_a_prefix_run_whose_text_was_cut_is_its_own_row_and_never_a_grid_point(t
     table = "\n".join(tuned_section(tmp_path, tmp_path / "tables"))
     assert "| prefix_layer, text cut at 96 tokens (one lr: 0.002, not tuned) |" in table
     assert "| prefix_layer (one lr: 0.01, not tuned) |" in table
+
+
+def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
+    """Welch's 95% interval of the mean gap: two points of spread and a 3-point gap (t=2.78 on 4 degrees of
+    freedom, half-width 2.27) cannot exclude a 1-point gap; the same gap with a tenth of the spread can; and a
+    gap of zero with little spread shows LoRA within a point."""
+
+    def runs(task, method, scores):  # fmt: skip
+        for seed, s in enumerate(scores):
+            fake_point(tmp_path / task, task, method, 1e-3 if method == "lora" else 5e-5, [s], seed=seed)
+        return [p for p in read_grid(tmp_path / task) if p.method == method]
+
+    wide = lr_selection.seed_interval(runs("a", "lora", [0.53, 0.52, 0.54]), runs("a", "full", [0.56, 0.55, 0.57]))
+    assert wide == "; mean gap's 95% CI over seeds -5.3 to -0.7 (Welch t): too few seeds to settle it either way"
+    tight = lr_selection.seed_interval(
+        runs("b", "lora", [0.530, 0.529, 0.531]), runs("b", "full", [0.560, 0.559, 0.561])
+    )
+    assert "-3.2 to -2.8 (Welch t): the seeds show LoRA trails by more than 1" in tight
+    level = lr_selection.seed_interval(
+        runs("c", "lora", [0.560, 0.559, 0.561]), runs("c", "full", [0.560, 0.559, 0.561])
+    )
+    assert level.endswith("-0.2 to +0.2 (Welch t): the seeds show LoRA within 1")
+    assert lr_selection.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) == ""
