@@ -105,6 +105,7 @@ def test_table5_takes_mrpc_from_its_3_epoch_sweep_and_says_which_settings_each_c
 
     fake_sweep_run(tmp_path, "weight_type_minilm", ["k"], 8, 0.71, task="mrpc")  # the 1-epoch MRPC run: replaced
     fake_sweep_run(tmp_path, "weight_type_minilm", ["k"], 8, 0.76)  # STS-B, 1 epoch
+    fake_sweep_run(tmp_path, "weight_type_minilm", ["v"], 8, 0.72, task="mrpc")  # no 3-epoch Wv run yet
     fake_sweep_run(tmp_path, "weight_type_minilm_3ep", ["k"], 8, 0.79, task="mrpc", epochs=3)
     fake_sweep_run(tmp_path, "rank_minilm", ["q"], 8, 0.80, task="mrpc")  # 1 epoch: may fill STS-B-like cells only
     out = tmp_path / "tables"
@@ -115,6 +116,8 @@ def test_table5_takes_mrpc_from_its_3_epoch_sweep_and_says_which_settings_each_c
     assert "Trained (STS-B: `weight_type_minilm`): 1 epoch(s)" in table
     wq = next(line for line in table.splitlines() if line.startswith("| Wq | 8"))
     assert "80.0" not in wq  # trained for 1 epoch, the MRPC column's cells for 3: not borrowed
+    wv = next(line for line in table.splitlines() if line.startswith("| Wv | 8"))
+    assert "72.0" not in wv and "| no run |" in wv  # the MRPC column never mixes in a 1-epoch cell
 
 
 def test_figures_page_links_every_analysed_pair_and_averages_phi_over_layers(tmp_path):
