@@ -25,7 +25,8 @@ BOOTSTRAP_FILE = "bleu_bootstrap.json"  # experiments/e2e_bootstrap.py writes it
 
 
 PAPER_METHODS = {"lora": "LoRA", "ft": "FT", "full": "FT", "adapter_l": "Adapter^L", "adapter_h": "Adapter^H",
-                 "ft_top2": "FT^Top2", "prefix_layer": "PreLayer", "prefix_embed": "PreEmbed"}
+                 "ft_top2": "FT^Top2", "prefix_layer": "PreLayer", "prefix_embed": "PreEmbed",
+                 "prefix_kv": "Prefix KV (PEFT)"}
 
 
 def _score(name: str, value: float) -> str:
@@ -59,7 +60,7 @@ def _best(summary: dict[str, Any]) -> dict[str, float]:
 
 
 METHOD_ORDER = ("full", "ft_top2", "adapter_l", "adapter_h", "adapter_p", "adapter_d", "prefix_layer", "prefix_embed",
-                "bitfit", "lora", "fewshot")  # the paper's row order, then the floor
+                "prefix_kv", "bitfit", "lora", "fewshot")  # the paper's row order, then the floor
 
 
 def our_runs(results_dir: Path, out_dir: Path, metrics: list[str]) -> list[dict[str, Any]]:

@@ -309,7 +309,8 @@ def figures_page(results_dir: Path, out_dir: Path) -> str:
 
 
 SCALING = {"lora": ("LoRA", "r"), "adapter_h": ("Adapter^H", "r"), "adapter_l": ("Adapter^L", "r"),
-           "prefix_embed": ("PrefixEmbed", "l_p+l_i"), "prefix_layer": ("PrefixLayer", "l_p+l_i")}  # fmt: skip
+           "prefix_embed": ("PrefixEmbed", "l_p+l_i"), "prefix_layer": ("PrefixLayer", "l_p+l_i"),
+           "prefix_kv": ("Prefix KV (PEFT)", "l_p+l_i")}  # fmt: skip
 
 
 def _size(config: dict) -> int:

@@ -26,7 +26,7 @@ from lora_jax import causal_lm
 from lora_jax.bottleneck import ADAPTER_METHODS, AdapterConfig
 from lora_jax.lora import LoraConfig
 from lora_jax.models.hub import adapter_config, lora_config
-from lora_jax.prefix import PREFIX_METHODS, PrefixConfig
+from lora_jax.prefix import PREFIX_METHODS, TOKEN_METHODS, PrefixConfig
 from lora_jax.train import TrainConfig
 
 RUN_LEVEL = ("method", "seed", "progress", "exports")  # TrainConfig fields that are top-level run keys
@@ -127,7 +127,7 @@ class DataSchema:
 
 # Bottleneck adapters (method=adapter_h/l/p/d); sites default to the family's (null).
 AdapterSchema = schema(AdapterConfig, "AdapterSchema", defaults={"sites": None})
-PrefixSchema = schema(PrefixConfig, "PrefixSchema")  # prefix_embed / prefix_layer runs: l_p, l_i
+PrefixSchema = schema(PrefixConfig, "PrefixSchema")  # prefix_embed / prefix_layer runs: l_p, l_i; prefix_kv: l_p
 GenerateSchema = schema(causal_lm.DecodeConfig, "GenerateSchema")
 SCHEMAS = {"optim": OptimSchema, "lora": LoraSchema, "adapter": AdapterSchema, "prefix": PrefixSchema,
            "model": ModelSchema, "data": DataSchema, "generate": GenerateSchema}  # group -> node  # fmt: skip
@@ -203,9 +203,10 @@ def package_file(package: str, name: str) -> str:
 
 
 def text_plus_special(text_len: int, method: str, l_p: int, l_i: int) -> int:
-    """data.max_len that leaves `text_len` tokens for the text: a prefix method's l_p + l_i special tokens sit in
-    the same rows (lora_jax.data.prefix), so its rows widen by that many; every other method's rows do not."""
-    return int(text_len) + (int(l_p) + int(l_i) if method in PREFIX_METHODS else 0)
+    """data.max_len that leaves `text_len` tokens for the text: prefix_embed's and prefix_layer's l_p + l_i special
+    tokens sit in the same rows (lora_jax.data.prefix), so their rows widen by that many; every other method's rows
+    (prefix_kv's included: its prefix is keys and values, not tokens) do not."""
+    return int(text_len) + (int(l_p) + int(l_i) if method in TOKEN_METHODS else 0)
 
 
 def register_resolvers() -> None:

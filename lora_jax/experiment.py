@@ -39,7 +39,7 @@ from lora_jax.models import gguf
 from lora_jax.models.hub import from_pretrained, resolve
 from lora_jax.models.seq2seq_generate import eval_generator
 from lora_jax.models.spec import family_of
-from lora_jax.prefix import PREFIX_METHODS, PrefixConfig, prefix_wrap
+from lora_jax.prefix import PREFIX_METHODS, TOKEN_METHODS, PrefixConfig, prefix_wrap
 from lora_jax.sweep import SweepRun, train_packed
 from lora_jax.train import EvalSpec, TrainConfig, train
 
@@ -226,7 +226,7 @@ def _prefix_config(cfg: DictConfig) -> PrefixConfig:
 
 def special_tokens(cfg: DictConfig, model_config: Any) -> SpecialTokens | None:
     """Prefix tuning's special tokens, which the data side inserts (ids past the vocabulary); None otherwise."""
-    if cfg.method not in PREFIX_METHODS:
+    if cfg.method not in TOKEN_METHODS:
         return None
     prefix = _prefix_config(cfg)
     return SpecialTokens(model_config.vocab_size, prefix.l_p, prefix.l_i)

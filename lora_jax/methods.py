@@ -34,7 +34,7 @@ def trainable_mask(params: Params, config: LoraConfig | None = None, method: str
     "lora": LoRA A/B, `config.train_also`, biases per `config.bias`; "full": every weight (the paper's FT baseline);
     "bitfit": every bias and `config.train_also`; "adapter_h/l/p/d": the adapter leaves (`bottleneck.adapter_wrap`),
     `config.train_also`, and for adapter_h the model's LayerNorms; "ft_top2": the last two layers of each stack and
-    `config.train_also`; "prefix_embed"/"prefix_layer": the special tokens' leaves (lora_jax.prefix),
+    `config.train_also`; "prefix_embed"/"prefix_layer"/"prefix_kv": the prefix leaves (lora_jax.prefix),
     `config.train_also` and biases per `config.bias`. LoRA's bookkeeping leaves (scale, slice, dropout) never
     train, and under the other methods neither do LoRA A/B (the params are not meant to carry them there); adapter
     leaves train only under their methods.

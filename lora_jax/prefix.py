@@ -24,6 +24,15 @@ Liang found works best: each is a copy of a vocabulary token drawn at random (th
 row for PreEmbed and, for PreLayer, the activations the frozen model computes at every layer for the drawn tokens
 read as a sequence. A causal model whose prefix leads the input (GPT-2 here) then starts exactly as the pretrained
 model reading those real tokens; a bidirectional encoder starts close to it.
+
+prefix_kv is prefix tuning as HF PEFT implements it (not the paper's PreLayer): no tokens enter the inputs; every
+self-attention module holds the keys and values of l_p virtual tokens, which every query sees before the text's,
+
+    <attention>.prefix_key, <attention>.prefix_value  (l_p, kv_heads * head_dim)    2 * L * kv_dim * l_p in all
+
+and the text's positions count on from l_p, as transformers' do when PEFT hands them those keys and values as a
+cache. They start as the keys and values the frozen model computes for l_p drawn vocabulary tokens (Li & Liang's
+real-token init; PEFT draws them from N(0, 1)), so a causal model starts exactly as the pretrained one reading them.
 """
 
 from __future__ import annotations
@@ -43,11 +52,16 @@ from lora_jax.tree import combine, leaf_paths
 
 PREFIX_EMBED, INFIX_EMBED = "prefix_embed", "infix_embed"
 PREFIX_LAYER, INFIX_LAYER = "prefix_layer", "infix_layer"
+PREFIX_KEY, PREFIX_VALUE = "prefix_key", "prefix_value"
 EMBED_LEAVES = (PREFIX_EMBED, INFIX_EMBED)
 LAYER_LEAVES = (PREFIX_LAYER, INFIX_LAYER)
-PREFIX_LEAVES = EMBED_LEAVES + LAYER_LEAVES
-PREFIX_METHODS = ("prefix_embed", "prefix_layer")
+KV_LEAVES = (PREFIX_KEY, PREFIX_VALUE)
+PREFIX_LEAVES = EMBED_LEAVES + LAYER_LEAVES + KV_LEAVES
+TOKEN_METHODS = ("prefix_embed", "prefix_layer")  # the data side inserts their special tokens
+PREFIX_KV = "prefix_kv"
+PREFIX_METHODS = (*TOKEN_METHODS, PREFIX_KV)
 LAYER_INPUTS = "prefix_layer_inputs"  # what each layer stack sows (intermediates) for the PreLayer init
+KV_INPUTS = "prefix_kv_inputs"  # what each self-attention sows for the prefix_kv init
 
 
 class PrefixError(ValueError):
@@ -143,6 +157,34 @@ def layer_input(stack: nn.Module, layer: str, x: jax.Array, special: jax.Array |
     return _overwrite(x, special, rows)
 
 
+def with_kv_prefix(
+    attention: nn.Module, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys and values (batch, heads, keys, head_dim) and mask (batch, 1 or heads, queries, keys) with the module's
+    `prefix_key`/`prefix_value` rows put first and seen by every query; unchanged without those leaves. Also sows
+    k and v, which is how `prefix_wrap` reads real tokens' keys and values."""
+    attention.sow("intermediates", KV_INPUTS, (k, v))
+    own = attention.variables.get("params", {})
+    if PREFIX_KEY not in own:
+        return k, v, mask
+    batch, heads, _, head_dim = k.shape
+
+    def first(rows: jax.Array, t: jax.Array) -> jax.Array:
+        rows = rows.reshape(rows.shape[0], heads, head_dim).transpose(1, 0, 2).astype(t.dtype)
+        return jnp.concatenate([jnp.broadcast_to(rows, (batch, *rows.shape)), t], axis=2)
+
+    seen = jnp.ones((*mask.shape[:-1], own[PREFIX_KEY].shape[0]), bool)
+    return first(own[PREFIX_KEY], k), first(own[PREFIX_VALUE], v), jnp.concatenate([seen, mask.astype(bool)], -1)
+
+
+def kv_prefix_length(params: Mapping[str, Any]) -> int:
+    """l_p of the prefix_kv leaves in `params` (0 without): where a model's text positions start."""
+    for path, leaf in leaf_paths(params):
+        if path.rsplit(".", 1)[-1] == PREFIX_KEY:
+            return int(np.shape(leaf)[0])
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Wrapping
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,11 +220,17 @@ def max_positions(model_config: Any) -> int | None:
     return None
 
 
-def prefix_paths(module: nn.Module) -> tuple[str, str]:
-    """(token embedding module path, layer stack module path) of a module's family; refuses families without."""
+def prefix_paths(module: nn.Module, method: str = "prefix_embed") -> tuple[str, str]:
+    """(token embedding module path, layer stack module path) of a module's family; refuses a family that does
+    not offer `method`."""
     from lora_jax.models.spec import family_of
 
     family = family_of(module.config)
+    if method == PREFIX_KV and not family.kv_prefix:
+        raise PrefixError(
+            f"method=prefix_kv (PEFT's key/value prefix) is offered for BERT/RoBERTa, GPT-2 and Llama, whose "
+            f"attention reads absolute or rotary positions, not {family.name}; use method=lora (or prefix_embed)."
+        )
     if family.token_embedding is None or family.layer_stack is None:
         raise PrefixError(
             f"prefix tuning is defined here for encoder-only and decoder-only families (BERT/RoBERTa, DistilBERT, "
@@ -199,13 +247,15 @@ def _num_layers(stack: Mapping[str, Any]) -> int:
 def prefix_wrap(
     params: Mapping[str, Any], module: nn.Module, config: PrefixConfig, rng: jax.Array, method: str = "prefix_embed"
 ) -> dict[str, Any]:
-    """Add the special tokens' leaves for `method` ("prefix_embed" or "prefix_layer"), started as real tokens drawn
-    from the vocabulary with `rng` (the module docstring says why); every other leaf is left as it is."""
+    """Add the special tokens' leaves for `method` (one of PREFIX_METHODS), started as real tokens drawn from the
+    vocabulary with `rng` (the module docstring says why); every other leaf is left as it is."""
     if method not in PREFIX_METHODS:
         raise PrefixError(f"prefix_wrap method must be one of {list(PREFIX_METHODS)}, got {method!r}.")
     if any(is_prefix_leaf(p) for p, _ in leaf_paths(params)):
         raise PrefixError("These params already carry prefix leaves; wrap the base params.")
-    embed_path, stack_path = prefix_paths(module)
+    if method == PREFIX_KV and config.l_i:
+        raise PrefixError(f"method=prefix_kv has prefix tokens only; set prefix.l_i=0 (got {config.l_i}).")
+    embed_path, stack_path = prefix_paths(module, method)
     table = _get(params, embed_path)["embedding"]
     vocab_size = table.shape[0]
     limit = max_positions(module.config)
@@ -216,6 +266,8 @@ def prefix_wrap(
         )
     key = jax.random.fold_in(rng, zlib.crc32(b"prefix_tokens"))
     drawn = jax.random.randint(key, (config.num_special,), 0, vocab_size)
+    if method == PREFIX_KV:
+        return combine(params, _kv_leaves(params, module, drawn))
     additions = _nest(embed_path, _leaves(jnp.take(table, drawn, axis=0), config, "embed"))
     if method == "prefix_layer":
         run = jax.jit(lambda p, ids: module.apply({"params": p}, ids, mutable=["intermediates"])[1])
@@ -228,6 +280,20 @@ def prefix_wrap(
     return combine(params, additions)
 
 
+def _kv_leaves(params: Mapping[str, Any], module: nn.Module, drawn: jax.Array) -> dict[str, Any]:
+    """{<attention>: {prefix_key, prefix_value}}: what each self-attention computes for the drawn tokens."""
+    run = jax.jit(lambda p, ids: module.apply({"params": p}, ids, mutable=["intermediates"])[1])
+    sown = leaf_paths(run(params, drawn[None, :])["intermediates"])
+    dtype = jnp.dtype(module.config.param_dtype)
+    additions: dict[str, Any] = {}
+    for path, t in sown:  # <attention>.prefix_kv_inputs.0.{0: k, 1: v}, t (1, heads, l_p, head_dim)
+        if f".{KV_INPUTS}." in path:
+            attention, index = path.split(f".{KV_INPUTS}.")
+            rows = jax.lax.stop_gradient(t[0]).transpose(1, 0, 2).reshape(t.shape[2], -1).astype(dtype)
+            additions = combine(additions, _nest(attention, {KV_LEAVES[int(index[-1])]: rows}))
+    return additions
+
+
 def prefix_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Only the prefix leaves, as a nested dict."""
     from lora_jax.tree import filter_leaves
@@ -236,12 +302,14 @@ def prefix_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def special_counts(params: Mapping[str, Any]) -> PrefixConfig:
-    """(l_p, l_i) of wrapped params, read from the embedding leaves' shapes."""
+    """(l_p, l_i) of wrapped params, read from the embedding leaves' shapes (prefix_kv's: its keys')."""
     counts = {name: 0 for name in EMBED_LEAVES}
     for path, leaf in leaf_paths(params):
         name = path.rsplit(".", 1)[-1]
         if name in counts:
             counts[name] = int(np.shape(leaf)[0])
+        elif name == PREFIX_KEY:
+            counts[PREFIX_EMBED] = int(np.shape(leaf)[0])
     if not any(counts.values()):
         raise PrefixError("These params carry no prefix leaves; call prefix_wrap first.")
     return PrefixConfig(counts[PREFIX_EMBED], counts[INFIX_EMBED])
@@ -254,7 +322,8 @@ def special_counts(params: Mapping[str, Any]) -> PrefixConfig:
 
 def prefix_param_count(model_config: Any, task: str, l_p: int, l_i: int, method: str) -> int:
     """Trainable prefix parameters of `method` on a model of `model_config`, traced with jax.eval_shape (nothing
-    allocated): the paper's d_model (l_p + l_i) for PreEmbed and L d_model (l_p + l_i) for PreLayer."""
+    allocated): the paper's d_model (l_p + l_i) for PreEmbed and L d_model (l_p + l_i) for PreLayer; prefix_kv's
+    2 L kv_dim l_p (PEFT's num_layers * 2 * token_dim per virtual token)."""
     from lora_jax.models.spec import family_of
 
     family = family_of(model_config)

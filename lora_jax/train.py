@@ -56,7 +56,7 @@ class TrainConfig:
 
     method: Literal[
         "lora", "full", "bitfit", "adapter_h", "adapter_l", "adapter_p", "adapter_d", "ft_top2", "prefix_embed",
-        "prefix_layer",
+        "prefix_layer", "prefix_kv",
     ] = "lora"
     epochs: int = 3
     batch_size: int = 16

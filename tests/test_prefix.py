@@ -97,7 +97,7 @@ def test_every_family_reads_its_special_tokens_and_ignores_padding(family):
         assert moved > 1e-3, f"{path} does not reach the text"
 
 
-@pytest.mark.parametrize("method", prefix.PREFIX_METHODS)
+@pytest.mark.parametrize("method", prefix.TOKEN_METHODS)
 def test_the_wrapped_decoder_starts_as_the_pretrained_one_reading_the_drawn_tokens(method):
     """GPT-2 with a leading prefix: the special tokens start as real vocabulary tokens, embedding and (PreLayer)
     every layer's activations, so the logits at the text equal the base model's on [drawn tokens, text]."""
@@ -141,7 +141,7 @@ def test_params_without_prefix_leaves_give_the_plain_model():
     assert special_counts(wrapped) == CONFIG
 
 
-@pytest.mark.parametrize("method", prefix.PREFIX_METHODS)
+@pytest.mark.parametrize("method", prefix.TOKEN_METHODS)
 def test_gradients_reach_only_the_prefix_leaves_and_the_head(method):
     module, params = tiny("roberta")
     wrapped = prefix_wrap(params, module, CONFIG, jax.random.key(1), method)
@@ -229,7 +229,7 @@ def test_errors_name_the_fix():
     with pytest.raises(PrefixError, match=">= 0"):
         PrefixConfig(-1, 2)
     with pytest.raises(PrefixError, match="method must be one of"):
-        prefix_wrap(params, module, CONFIG, jax.random.key(0), "prefix_kv")
+        prefix_wrap(params, module, CONFIG, jax.random.key(0), "prefix_tuning")
     wrapped = prefix_wrap(params, module, CONFIG, jax.random.key(0))
     with pytest.raises(PrefixError, match="already carry prefix leaves"):
         prefix_wrap(wrapped, module, CONFIG, jax.random.key(0))

@@ -30,7 +30,7 @@ from lora_jax.models.common import (
     masked_softmax,
 )
 from lora_jax.models.spec import FamilySpec, ModelConfig
-from lora_jax.prefix import Embed
+from lora_jax.prefix import Embed, kv_prefix_length, with_kv_prefix
 
 LORA_TARGETS = {
     "q": r"attention\.self\.query",
@@ -101,19 +101,20 @@ def _layer_norm(config: Config, name: str = "LayerNorm") -> LayerNorm:
     return layer_norm(config, config.layer_norm_eps, name)
 
 
-def position_ids(config: Config, input_ids: jax.Array) -> jax.Array:
+def position_ids(config: Config, input_ids: jax.Array, start: int = 0) -> jax.Array:
+    """Token positions counted from `start` (the l_p of a key/value prefix, as transformers after a cache)."""
     if config.model_type == "roberta":
         # As transformers' create_position_ids_from_input_ids: pads keep padding_idx, tokens count on from it.
         real = (input_ids != config.pad_token_id).astype(jnp.int32)
-        return jnp.cumsum(real, axis=1) * real + config.pad_token_id
-    return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        return (jnp.cumsum(real, axis=1) + start) * real + config.pad_token_id
+    return jnp.broadcast_to(start + jnp.arange(input_ids.shape[1]), input_ids.shape)
 
 
 class Embeddings(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool):
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool, start: int = 0):
         c = self.config
         embed = lambda n, name: Embed(
             n,
@@ -124,7 +125,7 @@ class Embeddings(nn.Module):
             name=name,
         )
         x = embed(c.vocab_size, "word_embeddings")(input_ids)
-        x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids(c, input_ids))
+        x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids(c, input_ids, start))
         x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = _layer_norm(c)(x)
         return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -141,8 +142,9 @@ class SelfAttention(nn.Module):
         q = split(_dense(c, c.hidden_size, "query")(x, deterministic))
         k = heads_first(split(_dense(c, c.hidden_size, "key")(x, deterministic)))
         v = heads_first(split(_dense(c, c.hidden_size, "value")(x, deterministic)))
+        k, v, mask = with_kv_prefix(self, k, v, mask[:, None, None, :])
         scores = attention_scores(q, k) / math.sqrt(head_dim)
-        probs = masked_softmax(scores, mask[:, None, None, :], v.dtype)
+        probs = masked_softmax(scores, mask, v.dtype)
         probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         out = attend(probs, v)
         return out.reshape(*out.shape[:-2], c.hidden_size)
@@ -215,7 +217,8 @@ class Backbone(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array, deterministic: bool):
         c = self.config
-        x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic)
+        start = kv_prefix_length(self.variables.get("params", {}))
+        x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic, start)
         x = Encoder(c, name="encoder")(x, attention_mask.astype(bool), deterministic, input_ids - c.vocab_size)
         out = {"last_hidden_state": x}
         if c.has_pooler:
@@ -293,5 +296,6 @@ SPEC = FamilySpec(
     write_config=_write_config,
     token_embedding=lambda config: f"{config.prefix}.embeddings.word_embeddings",
     layer_stack=lambda config: f"{config.prefix}.encoder.layer",
+    kv_prefix=True,
 )
 build = SPEC.build

@@ -40,7 +40,7 @@ from lora_jax.models.common import (
     write_cache,
 )
 from lora_jax.models.spec import FamilySpec, ModelConfig
-from lora_jax.prefix import Embed
+from lora_jax.prefix import Embed, kv_prefix_length, with_kv_prefix
 
 LORA_TARGETS = {
     "q": "attn.c_attn.q",
@@ -124,6 +124,7 @@ class Attention(nn.Module):
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
             kv = write_cache(kv, k, v, cache_index)
             k, v = kv["k"], kv["v"]
+        k, v, mask = with_kv_prefix(self, k, v, mask)
 
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -203,6 +204,7 @@ class GPT2Model(nn.Module):
     ):
         if position_ids is None:
             position_ids = cache_index + jnp.arange(input_ids.shape[1])[None, :]
+        position_ids = position_ids + kv_prefix_length(self.variables.get("params", {}))
         mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)
 
         x = self.wte(input_ids) + self.wpe(position_ids)
@@ -294,5 +296,6 @@ SPEC = FamilySpec(
     causal_lm=causal_lm,
     token_embedding="transformer.wte",
     layer_stack="transformer.h",
+    kv_prefix=True,
 )
 build = SPEC.build

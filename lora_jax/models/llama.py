@@ -42,7 +42,7 @@ from lora_jax.models.common import (
     write_cache,
 )
 from lora_jax.models.spec import FamilySpec, ModelConfig
-from lora_jax.prefix import Embed
+from lora_jax.prefix import Embed, kv_prefix_length, with_kv_prefix
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 LORA_TARGETS = {
@@ -185,6 +185,7 @@ class Attention(nn.Module):
         if kv is not None:  # write this call's keys/values into the cache, attend over all of it
             kv = write_cache(kv, k, v, cache_index)
             k, v = kv["k"], kv["v"]
+        k, v, mask = with_kv_prefix(self, k, v, mask)
 
         scores = attention_scores(q, k) * cfg.head_dim**-0.5
         probs = masked_softmax(scores, mask, dtype)  # a left-pad query sees no key: a uniform row, unused
@@ -253,6 +254,7 @@ class LlamaModel(nn.Module):
     ):
         if position_ids is None:  # as transformers: slot numbers, padding included
             position_ids = jnp.broadcast_to(cache_index + jnp.arange(input_ids.shape[1]), input_ids.shape)
+        position_ids = position_ids + kv_prefix_length(self.variables.get("params", {}))
         mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)
         x, cache = self.layers(self.embed_tokens(input_ids), cache, position_ids, mask, cache_index, deterministic,
                                special=input_ids - self.config.vocab_size)  # fmt: skip
@@ -344,5 +346,6 @@ SPEC = FamilySpec(
     causal_lm=causal_lm,
     token_embedding="model.embed_tokens",
     layer_stack="model.layers",
+    kv_prefix=True,
 )
 build = SPEC.build

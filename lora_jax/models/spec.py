@@ -95,6 +95,9 @@ class FamilySpec:
     token_embedding / layer_stack: module paths (or functions of the config giving them) of the token embedding
         (a `lora_jax.prefix.Embed`) and of the numbered layer stack whose layers call `prefix.layer_input`: where
         prefix tuning's leaves go (lora_jax.prefix). None: the family has no prefix tuning.
+    kv_prefix: whether its self-attention calls `prefix.with_kv_prefix` and its positions count on after the
+        prefix (`prefix.kv_prefix_length`), as transformers' do when PEFT's prefix tuning hands them a cache:
+        the family offers method=prefix_kv.
     """
 
     name: str
@@ -118,6 +121,7 @@ class FamilySpec:
     causal_lm: Callable[[nn.Module], Any] | None = None
     token_embedding: str | Callable[[Any], str] | None = None
     layer_stack: str | Callable[[Any], str] | None = None
+    kv_prefix: bool = False
 
     def embedding_path(self, config: Any) -> str | None:
         """Module path of the token embedding under `config` (None: the family names none)."""
