@@ -13,6 +13,7 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import scipy.stats
 import yaml
@@ -313,21 +314,34 @@ def anchors(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) ->
     return ["", *lines] if lines else []
 
 
-def seed_interval(lora: list[GridPoint], ft: list[GridPoint]) -> str:
-    """The 95% confidence interval of the mean LoRA − FT gap over seeds (Welch's t), and whether it settles the
-    verdict: a median gap says where the seeds sit, the interval says whether this many seeds can tell."""
+class GapInterval(NamedTuple):
+    """The 95% confidence interval of the mean LoRA − FT gap over seeds, in points."""
+
+    low: float
+    high: float
+
+    @property
+    def settled(self) -> str | None:
+        """What the interval shows, or None when it straddles the WITHIN-point line (too few seeds to tell)."""
+        if self.low >= -WITHIN:
+            return f"the seeds show LoRA within {WITHIN:g}"
+        return f"the seeds show LoRA trails by more than {WITHIN:g}" if self.high < -WITHIN else None
+
+    def __str__(self) -> str:
+        shows = self.settled or "too few seeds to settle it either way"
+        return f"; mean gap's 95% CI over seeds {self.low:+.1f} to {self.high:+.1f} (Welch t): {shows}"
+
+
+def seed_interval(lora: list[GridPoint], ft: list[GridPoint]) -> GapInterval | None:
+    """Welch's t interval of the mean gap, and so whether the seeds settle the verdict: a median gap says where the
+    seeds sit, the interval says whether this many seeds can tell. None with under 2 seeds a side or no spread."""
     if min(len(lora), len(ft)) < 2:
-        return ""
+        return None
     a, b = [100 * p.best for p in lora], [100 * p.best for p in ft]
     if statistics.pvariance(a) + statistics.pvariance(b) == 0:
-        return ""
+        return None
     ci = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    settled = (
-        f"the seeds show LoRA within {WITHIN:g}" if ci.low >= -WITHIN
-        else f"the seeds show LoRA trails by more than {WITHIN:g}" if ci.high < -WITHIN
-        else "too few seeds to settle it either way"
-    )  # fmt: skip
-    return f"; mean gap's 95% CI over seeds {ci.low:+.1f} to {ci.high:+.1f} (Welch t): {settled}"
+    return GapInterval(float(ci.low), float(ci.high))
 
 
 def verdicts(
@@ -355,11 +369,11 @@ def verdicts(
         lines.append(
             f"- {TITLES[t]}: LoRA within {WITHIN:g} point of FT: **{'yes' if ok else 'no'}** — gap {gap:+.1f}{rows} "
             f"(LoRA {med(lora):.1f}, n={len(lora)}{rng(lora)}; FT {med(ft):.1f}, n={len(ft)}{rng(ft)}){note}"
-            f"{interval}."
+            f"{interval or ''}."
         )
         (held if ok else failed).append(f"{TITLES[t]} {gap:+.1f}" + ("*" if why else ""))
         if interval:
-            (unsure if "too few seeds" in interval else sure).append(TITLES[t])
+            (sure if interval.settled else unsure).append(TITLES[t])
     if lines:
         starred = any(x.endswith("*") for x in held + failed)
         sentence = (f"Under the tuned protocol the paper's claim (LoRA matches full fine-tuning) holds on "

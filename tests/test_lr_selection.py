@@ -207,13 +207,14 @@ def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
         return [p for p in read_grid(tmp_path / task) if p.method == method]
 
     wide = lr_selection.seed_interval(runs("a", "lora", [0.53, 0.52, 0.54]), runs("a", "full", [0.56, 0.55, 0.57]))
-    assert wide == "; mean gap's 95% CI over seeds -5.3 to -0.7 (Welch t): too few seeds to settle it either way"
+    assert str(wide) == "; mean gap's 95% CI over seeds -5.3 to -0.7 (Welch t): too few seeds to settle it either way"
     tight = lr_selection.seed_interval(
         runs("b", "lora", [0.530, 0.529, 0.531]), runs("b", "full", [0.560, 0.559, 0.561])
     )
-    assert "-3.2 to -2.8 (Welch t): the seeds show LoRA trails by more than 1" in tight
+    assert "-3.2 to -2.8 (Welch t): the seeds show LoRA trails by more than 1" in str(tight)
     level = lr_selection.seed_interval(
         runs("c", "lora", [0.560, 0.559, 0.561]), runs("c", "full", [0.560, 0.559, 0.561])
     )
-    assert level.endswith("-0.2 to +0.2 (Welch t): the seeds show LoRA within 1")
-    assert lr_selection.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) == ""
+    assert wide.settled is None and level.settled == "the seeds show LoRA within 1"
+    assert str(level).endswith("-0.2 to +0.2 (Welch t): the seeds show LoRA within 1")
+    assert lr_selection.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) is None
