@@ -163,7 +163,7 @@ def _settings_line(groups: list[Group], exp: str = "", named: bool = False) -> l
     where = f" ({tasks}: `{exp}`)" if named else ""
     return [
         f"Trained{where}: {o['epochs']} epoch(s), batch {o['batch_size']}, lr {o['lr']}, warmup {o['warmup_ratio']}, "
-        f"alpha {cfg['lora']['alpha']} fixed for every r, seeds {seeds}."
+        f"alpha {float(cfg['lora']['alpha']):g} fixed for every r, seeds {seeds}."
     ]
 
 
