@@ -183,10 +183,11 @@ def test_step_groups_pack_at_the_widest_width_unless_dropout_must_match():
     assert np.sum([active for active, _ in exact_groups], axis=0).tolist() == [1, 1, 1]  # each run steps once
 
 
-@pytest.mark.parametrize("method", ["adapter_h", "prefix_embed", "bitfit", "ft_top2", "full"])
+@pytest.mark.parametrize("method", ["adapter_h", "prefix_embed", "prefix_kv", "bitfit", "ft_top2", "full"])
 def test_a_packed_baseline_sweep_writes_what_separate_runs_write(tiny_bert, tiny_glue, tmp_path, method):
-    """The paper's baselines pack as LoRA does: their own trainable leaves (adapters, special tokens, biases) are
-    stacked over one frozen base, and each folder ends as the run alone ends."""
+    """The paper's baselines (and PEFT's prefix tuning) pack as LoRA does: their own trainable leaves (adapters,
+    special tokens, key/value prefixes, biases) are stacked over one frozen base, and each folder ends as the run
+    alone ends."""
     from lora_jax.experiment import run, run_packed
 
     def cfgs(results: Path) -> list:
