@@ -76,18 +76,17 @@ def test_gpt2_pairs_read_prefix_first_text_infix_second_text():
     assert (out["input_ids"][0, len(expected) :] == tokenizer.eos_token_id).all()
 
 
-@pytest.mark.slow
-def test_a_prefix_layer_run_from_the_config_trains_and_exports_its_adapter(tmp_path):
-    """experiments/run.py's path: method=prefix_layer on a tiny BERT and tiny MRPC; the adapter holds the special
-    tokens' leaves and the head, and loads onto the base model."""
+HEAD = 32 * 32 + 32 + 32 * 2 + 2  # a tiny BERT run's train_also: the pooler and the classifier
+
+
+def run_tiny_mrpc(tmp_path: Path, *overrides: str):
+    """experiments/run.py's path on a tiny BERT and tiny MRPC: (config, summary, base params, the run's folder)."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import run  # noqa: F401  (the config schema)
     from hydra import compose, initialize_config_dir
 
-    from lora_jax.adapters import load_adapter
     from lora_jax.experiment import run as run_experiment
     from lora_jax.models.hub import from_pretrained
-    from lora_jax.prefix import is_prefix_leaf, special_counts
 
     model_dir = save_tiny_bert(tmp_path / "bert")
     glue = write_tiny_mrpc(tmp_path / "glue", (("train", 16), ("dev", 8)))
@@ -96,48 +95,40 @@ def test_a_prefix_layer_run_from_the_config_trains_and_exports_its_adapter(tmp_p
         cfg = compose("config", overrides=[
             f"model.name_or_path={model_dir}", f"data.dir={glue}", "task=mrpc", "data.max_len=32",
             "optim.batch_size=8", "optim.lr=1e-2", "optim.epochs=1", "progress=false", f"out_dir={out}",
-            "compilation_cache=null", "method=prefix_layer", "prefix.l_p=3", "prefix.l_i=2",
+            "compilation_cache=null", *overrides,
         ])  # fmt: skip
-    assert cfg.run == "prefix_layer_lp3_li2_seed0"
     summary = run_experiment(cfg)
-    head = 32 * 32 + 32 + 32 * 2 + 2  # train_also: the pooler and the classifier
-    assert summary["trainable_params"] == 2 * 32 * 5 + head  # L * d_model * (l_p + l_i), L = 2
+    _, base, _, _ = from_pretrained(model_dir, task="sequence-classification", num_labels=2)
+    return cfg, summary, base, out
+
+
+@pytest.mark.slow
+def test_a_prefix_layer_run_from_the_config_trains_and_exports_its_adapter(tmp_path):
+    """method=prefix_layer: the adapter holds the special tokens' leaves and the head, and loads onto the base."""
+    from lora_jax.adapters import load_adapter
+    from lora_jax.prefix import is_prefix_leaf, special_counts
+
+    cfg, summary, base, out = run_tiny_mrpc(tmp_path, "method=prefix_layer", "prefix.l_p=3", "prefix.l_i=2")
+    assert cfg.run == "prefix_layer_lp3_li2_seed0"
+    assert summary["trainable_params"] == 2 * 32 * 5 + HEAD  # L * d_model * (l_p + l_i), L = 2
     assert summary["exports"] == {"adapter": "adapter"}
     meta = json.loads((out / "adapter" / "lora_config.json").read_text())
     assert sum(is_prefix_leaf(k) for k in meta["shapes"]) == 4  # embedding rows and layer 1's, prefix and infix
-    _, base, _, _ = from_pretrained(model_dir, task="sequence-classification", num_labels=2)
     loaded, _ = load_adapter(out / "adapter", base)
     assert special_counts(loaded).l_p == 3 and special_counts(loaded).l_i == 2
 
 
 @pytest.mark.slow
 def test_a_prefix_kv_run_trains_only_keys_and_values_and_leaves_the_rows_alone(tmp_path):
-    """method=prefix_kv through experiments/run.py's path: no special tokens enter the data (the rows keep
-    data.max_len), 2 L d_model l_p prefix parameters train, and the adapter loads onto the base model."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import run  # noqa: F401  (the config schema)
-    from hydra import compose, initialize_config_dir
-
+    """method=prefix_kv: no special tokens enter the data (the rows keep data.max_len), 2 L d_model l_p prefix
+    parameters train, and the adapter loads onto the base model."""
     from lora_jax.adapters import load_adapter
-    from lora_jax.experiment import run as run_experiment
     from lora_jax.experiment import special_tokens
-    from lora_jax.models.hub import from_pretrained
     from lora_jax.prefix import kv_prefix_length
 
-    model_dir = save_tiny_bert(tmp_path / "bert")
-    glue = write_tiny_mrpc(tmp_path / "glue", (("train", 16), ("dev", 8)))
-    out = tmp_path / "run"
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=[
-            f"model.name_or_path={model_dir}", f"data.dir={glue}", "task=mrpc", "data.max_len=32",
-            "optim.batch_size=8", "optim.lr=1e-2", "optim.epochs=1", "progress=false", f"out_dir={out}",
-            "compilation_cache=null", "method=prefix_kv", "prefix.l_p=3", "prefix.l_i=0",
-        ])  # fmt: skip
+    cfg, summary, base, out = run_tiny_mrpc(tmp_path, "method=prefix_kv", "prefix.l_p=3", "prefix.l_i=0")
     assert cfg.run == "prefix_kv_lp3_li0_seed0" and special_tokens(cfg, None) is None
-    summary = run_experiment(cfg)
-    head = 32 * 32 + 32 + 32 * 2 + 2  # train_also: the pooler and the classifier
-    assert summary["trainable_params"] == 2 * 2 * 32 * 3 + head
-    _, base, _, _ = from_pretrained(model_dir, task="sequence-classification", num_labels=2)
+    assert summary["trainable_params"] == 2 * 2 * 32 * 3 + HEAD
     loaded, _ = load_adapter(out / "adapter", base)
     assert kv_prefix_length(loaded) == 3
 
