@@ -49,12 +49,16 @@ def tiny(family: str, task: str = "sequence-classification"):
     return module, params
 
 
-def batch() -> dict[str, np.ndarray]:
-    """Two right-padded rows, [CLS]-style first token, pair texts; special tokens inserted after column 1 and
-    after each row's first text."""
+def plain_batch() -> dict[str, np.ndarray]:
+    """Two right-padded rows, [CLS]-style first token, pair texts."""
     ids = np.array([[2, 10, 11, 12, 3, 20, 21, 3], [2, 13, 14, 3, 22, 3, 0, 0]], np.int32)
     mask = (np.arange(8)[None, :] < np.array([[8], [6]])).astype(np.int32)
-    return insert_special({"input_ids": ids, "attention_mask": mask}, np.array([1, 1]), np.array([4, 3]), TOKENS, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def batch() -> dict[str, np.ndarray]:
+    """`plain_batch` with the special tokens inserted after column 1 and after each row's first text."""
+    return insert_special(plain_batch(), np.array([1, 1]), np.array([4, 3]), TOKENS, 0)
 
 
 @functools.cache
@@ -163,18 +167,22 @@ def test_gradients_reach_only_the_prefix_leaves_and_the_head(method):
         assert np.abs(np.asarray(g)).max() > 0, f"no gradient reaches {path}"
 
 
-def test_a_few_training_steps_reduce_the_loss():
+@pytest.mark.parametrize("method", ["prefix_layer", "prefix_kv"])
+def test_a_few_training_steps_reduce_the_loss(method):
     """The trainer's own step (make_steps, TrainConfig's AdamW) on a tiny RoBERTa whose head stays frozen: only the
-    special tokens' activations train, and they alone fit two rows of different labels."""
+    prefix (special tokens' activations, or keys and values) trains, and it alone fits two rows of different
+    labels."""
     kw = dict(FAMILIES["roberta"][1], initializer_range=0.3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     module = bert.build(bert.Config(**kw), "sequence-classification")
     params = jax.jit(module.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
-    wrapped = prefix_wrap(params, module, CONFIG, jax.random.key(1), "prefix_layer")
-    mask = trainable_mask(wrapped, LoraConfig(), "prefix_layer")
+    config = CONFIG if method in prefix.TOKEN_METHODS else PrefixConfig(CONFIG.num_special, 0)
+    wrapped = prefix_wrap(params, module, config, jax.random.key(1), method)
+    mask = trainable_mask(wrapped, LoraConfig(), method)
     trainable, frozen = partition(wrapped, mask)
     tx = make_optimizer(TrainConfig(lr=0.1, warmup_ratio=0.0, weight_decay=0.0), 25)
     train_step, _ = make_steps(module, tx, 3, seed=0)
-    data = {**batch(), "labels": np.array([0, 2]), "weights": np.ones(2, np.float32)}
+    rows = batch() if method in prefix.TOKEN_METHODS else plain_batch()
+    data = {**rows, "labels": np.array([0, 2]), "weights": np.ones(2, np.float32)}
     state = TrainState(trainable, tx.init(trainable), jnp.zeros((), jnp.int32))
     step = jax.jit(train_step)
     losses = []
