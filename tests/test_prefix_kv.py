@@ -170,3 +170,17 @@ def test_families_without_it_and_infix_tokens_are_refused_in_one_line(family):
     module, params = tiny("gpt2")
     with pytest.raises(PrefixError, match="set prefix.l_i=0"):
         prefix_wrap(params, module, PrefixConfig(L_P, 2), jax.random.key(0), "prefix_kv")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_text_past_the_position_table_is_refused_with_the_prefix_counted(family):
+    """40 learned positions: 37 text tokens fit after a 3-token prefix, 38 do not (a lookup past the table would
+    read NaN); the plain model still takes 40."""
+    module, params = tiny(family, "causal-lm" if family == "gpt2" else "sequence-classification")
+    wrapped = prefix_wrap(params, module, PrefixConfig(L_P, 0), jax.random.key(0), "prefix_kv")
+    run = lambda p, n: module.apply({"params": p}, jnp.full((1, n), 5, jnp.int32))["logits"]  # noqa: E731
+    assert np.isfinite(run(wrapped, 37)).all() and np.isfinite(run(params, 40)).all()
+    with pytest.raises(ValueError, match="38 tokens after a 3-token key/value prefix need 41 positions, more than"):
+        run(wrapped, 38)
+    with pytest.raises(ValueError, match="41 tokens need 41 positions.*shorten the input"):
+        run(params, 41)

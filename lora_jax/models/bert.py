@@ -24,6 +24,7 @@ from lora_jax.models.common import (
     Layers,
     attend,
     attention_scores,
+    check_positions,
     dense,
     heads_first,
     layer_norm,
@@ -218,6 +219,7 @@ class Backbone(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array, deterministic: bool):
         c = self.config
         start = kv_prefix_length(self.variables.get("params", {}))
+        check_positions(c, input_ids.shape[1], start)
         x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic, start)
         x = Encoder(c, name="encoder")(x, attention_mask.astype(bool), deterministic, input_ids - c.vocab_size)
         out = {"last_hidden_state": x}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layers import Dense, LayerNorm, RMSNorm
-from lora_jax.prefix import layer_input
+from lora_jax.prefix import layer_input, max_positions
 
 # transformers' ACT2FN names -> functions. HF "gelu" is the exact erf form; the "new"/"tanh"/"fast" names are the
 # tanh approximation. Each is checkpointed on its own: the backward pass keeps its input and recomputes the rest,
@@ -129,6 +129,18 @@ class CachedLayers(nn.Module):
             x, kv = block(self.config, i, name=str(i))(x, None if cache is None else cache[i], *args)
             new_cache.append(kv)
         return x, (None if cache is None else new_cache)
+
+
+def check_positions(config: Any, length: int, start: int = 0) -> None:
+    """Refuse, when the model is traced, `length` tokens counted from position `start` (a key/value prefix's l_p)
+    that would run past the model's learned position table: a lookup there reads NaN, silently."""
+    limit = max_positions(config)
+    if limit is not None and start + length > limit:
+        after = f" after a {start}-token key/value prefix" if start else ""
+        raise ValueError(
+            f"{length} tokens{after} need {start + length} positions, more than the model's {limit}; shorten the "
+            f"input (data.max_len, or generate fewer tokens){' or use a smaller prefix.l_p' if start else ''}."
+        )
 
 
 @partial(jax.checkpoint, static_argnums=(2,))

@@ -31,6 +31,7 @@ from lora_jax.models.common import (
     attend,
     attention_scores,
     causal_cache_mask,
+    check_positions,
     decoder_outputs,
     dense,
     empty_cache,
@@ -204,7 +205,9 @@ class GPT2Model(nn.Module):
     ):
         if position_ids is None:
             position_ids = cache_index + jnp.arange(input_ids.shape[1])[None, :]
-        position_ids = position_ids + kv_prefix_length(self.variables.get("params", {}))
+        start = kv_prefix_length(self.variables.get("params", {}))
+        check_positions(self.config, input_ids.shape[1] if cache is None else cache[0]["k"].shape[2], start)
+        position_ids = position_ids + start
         mask = causal_cache_mask(input_ids.shape, attention_mask, cache, cache_index)
 
         x = self.wte(input_ids) + self.wpe(position_ids)
