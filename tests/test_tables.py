@@ -311,3 +311,26 @@ def test_e2e_verdict_compares_settings_by_their_median_over_seeds(tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| SmolLM2-135M Adapter^H")]) == 2  # each seed
     # Adapter^H's best seed (72.0) beats LoRA's 70.0, its median over two seeds (69.0) does not.
     assert "against Adapter^H 69.0 (346,416, median of 2 seeds): LoRA's is the highest" in table
+
+
+def test_weight_type_reading_checks_the_papers_table5_claim_per_column():
+    """Computed from the medians once every row has run: the best multi-type row against the best single type,
+    and the worst row; fewer than 3 seeds is said, a missing row gives no line."""
+    from aggregate import Group
+    from tables import weight_type_reading
+
+    def cell(*scores):
+        return Group("e", "mrpc", "x", tuple({"best": s, "seed": i} for i, s in enumerate(scores)))
+
+    column = {("q", 8): cell(0.70, 0.71, 0.72), ("k", 8): cell(0.69, 0.70, 0.70), ("v", 8): cell(0.74, 0.75, 0.75),
+              ("o", 8): cell(0.76, 0.76, 0.77), ("qk", 4): cell(0.72, 0.72, 0.73), ("qv", 4): cell(0.78, 0.79, 0.79),
+              ("qkvo", 2): cell(0.77, 0.77, 0.78)}  # fmt: skip
+    lines = weight_type_reading({"mrpc": column}, 7)
+    assert lines[-1] == ("- MRPC: several types beat one: **yes** — Wq, Wv r=4 79.0 against Wo r=8 76.0; worst "
+                         "Wk r=8 70.0 (W_q or W_k alone, as the paper).")  # fmt: skip
+    column[("o", 8)] = cell(0.80)
+    assert lines != weight_type_reading({"mrpc": column}, 7)
+    assert weight_type_reading({"mrpc": column}, 7)[-1].endswith("Wo r=8 80.0; worst Wk r=8 70.0 (W_q or W_k "
+                                                                  "alone, as the paper); provisional: 1 seed(s).")
+    assert "**no**" in weight_type_reading({"mrpc": column}, 7)[-1]
+    assert weight_type_reading({"mrpc": {k: v for k, v in column.items() if k != ("q", 8)}}, 7) == []
