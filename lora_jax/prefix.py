@@ -226,15 +226,16 @@ def prefix_paths(module: nn.Module, method: str = "prefix_embed") -> tuple[str, 
     from lora_jax.models.spec import family_of
 
     family = family_of(module.config)
-    if method == PREFIX_KV and not family.kv_prefix:
-        raise PrefixError(
-            f"method=prefix_kv (PEFT's key/value prefix) is offered for BERT/RoBERTa, GPT-2 and Llama, whose "
-            f"attention reads absolute or rotary positions, not {family.name}; use method=lora (or prefix_embed)."
-        )
     if family.token_embedding is None or family.layer_stack is None:
         raise PrefixError(
             f"prefix tuning is defined here for encoder-only and decoder-only families (BERT/RoBERTa, DistilBERT, "
             f"DeBERTa, GPT-2, Llama), not {family.name}; use method=lora (or full, bitfit)."
+        )
+    if method == PREFIX_KV and not family.kv_prefix:
+        raise PrefixError(
+            f"method=prefix_kv (PEFT's key/value prefix) is offered for BERT/RoBERTa, GPT-2 and Llama, whose "
+            f"transformers models read PEFT's prefix as a cache, not {family.name}; use method=lora (or "
+            "prefix_embed, prefix_layer)."
         )
     stack = family.layer_stack
     return family.embedding_path(module.config), stack(module.config) if callable(stack) else stack
