@@ -284,15 +284,23 @@ def diagnoses(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) 
         why = [f"under-training: {last} of {len(lora)} LoRA seeds peak at the last of {lora[0].epochs} epochs "
                f"(best epochs {','.join(f'{p.best_epoch + 1}{p.epoch_mark}' for p in lora)})"]  # fmt: skip
         others = sorted(v for (task, v) in runs if task == t and v[0] == "lora" and v != GRID_VARIANT["lora"])
-        closes = {v: f"{_variant_title(v).removesuffix(' (tuned lr)')} {med(runs[(t, v)]):.1f} (n={len(runs[(t, v)])}, "
-                     f"{'closes it' if med(runs[(t, v)]) - med(ft) >= -WITHIN else 'does not close it'})"
-                  for v in others}  # fmt: skip
+        closes = {v: _closes(runs[(t, v)], ft) for v in others}
         longer = [closes[v] for v in others if v[:4] == GRID_VARIANT["lora"]]  # same row, another schedule
         wider = [closes[v] for v in others if v[:4] != GRID_VARIANT["lora"]]
         why[0] += "".join(f"; {c}" for c in longer)
         why.append("capacity: " + ("; ".join(wider) if wider else "no other LoRA row run yet"))
         lines.append(f"- Why LoRA trails on {TITLES[t]} (FT {med(ft):.1f}): " + "; ".join(why) + ".")
     return ["", *lines] if lines else []
+
+
+def _closes(variant: list[GridPoint], ft: list[GridPoint]) -> str:
+    """A LoRA row against FT on the seeds the row has (FT's other seeds would make the comparison another one)."""
+    seeds = {p.seed for p in variant}
+    same = [p for p in ft if p.seed in seeds] or ft
+    against = "" if len(same) == len(ft) else f"FT {median_best(same):.1f} on the same seeds: "
+    verdict = "closes it" if median_best(variant) - median_best(same) >= -WITHIN else "does not close it"
+    title = _variant_title(variant[0].variant).removesuffix(" (tuned lr)")
+    return f"{title} {median_best(variant):.1f} (n={len(variant)}, {against}{verdict})"
 
 
 def anchors(runs: dict[tuple[str, tuple], list[GridPoint]], tasks: list[str]) -> list[str]:
