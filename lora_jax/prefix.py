@@ -271,9 +271,7 @@ def prefix_wrap(
         return combine(params, _kv_leaves(params, module, drawn))
     additions = _nest(embed_path, _leaves(jnp.take(table, drawn, axis=0), config, "embed"))
     if method == "prefix_layer":
-        run = jax.jit(lambda p, ids: module.apply({"params": p}, ids, mutable=["intermediates"])[1])
-        state = run(params, drawn[None, :])
-        inputs = _get(state["intermediates"], stack_path)[LAYER_INPUTS]  # layer 0's input, 1's, ...
+        inputs = _get(_sown(params, module, drawn), stack_path)[LAYER_INPUTS]  # layer 0's input, 1's, ...
         dtype = jnp.dtype(module.config.param_dtype)
         for i in range(1, _num_layers(_get(params, stack_path))):
             rows = jax.lax.stop_gradient(inputs[i][0]).astype(dtype)
@@ -281,10 +279,16 @@ def prefix_wrap(
     return combine(params, additions)
 
 
+def _sown(params: Mapping[str, Any], module: nn.Module, drawn: jax.Array) -> dict[str, Any]:
+    """What the frozen model sows (its intermediates) reading the drawn tokens as one sequence: where PreLayer's
+    and prefix_kv's real-token init comes from."""
+    run = jax.jit(lambda p, ids: module.apply({"params": p}, ids, mutable=["intermediates"])[1])
+    return run(params, drawn[None, :])["intermediates"]
+
+
 def _kv_leaves(params: Mapping[str, Any], module: nn.Module, drawn: jax.Array) -> dict[str, Any]:
     """{<attention>: {prefix_key, prefix_value}}: what each self-attention computes for the drawn tokens."""
-    run = jax.jit(lambda p, ids: module.apply({"params": p}, ids, mutable=["intermediates"])[1])
-    sown = leaf_paths(run(params, drawn[None, :])["intermediates"])
+    sown = leaf_paths(_sown(params, module, drawn))
     dtype = jnp.dtype(module.config.param_dtype)
     additions: dict[str, Any] = {}
     for path, t in sown:  # <attention>.prefix_kv_inputs.0.{0: k, 1: v}, t (1, heads, l_p, head_dim)
