@@ -180,6 +180,19 @@ def test_a_baseline_with_a_grid_of_its_own_says_its_rate_was_selected(tmp_path):
     rows = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("| adapter_h")]
     title = "| adapter_h (lr per task selected on seed 0 among 0.001, 0.002, 0.004)"
     assert rows[0].startswith(f"{title} | — | 83.0 <sub>n=2")
+    table = lr_selection_table(tmp_path, tmp_path / "tables")
+    bold = [line for line in table.splitlines() if line.startswith("| MRPC") and "**" in line]
+    assert len(bold) == 1 and "lr0.002" in bold[0] and "**84.0**" in bold[0]
+    assert table.rstrip().endswith("MRPC adapter_h lr 0.002 (84.0).")
+
+
+def test_a_baseline_at_one_rate_is_not_shown_as_selected(tmp_path):
+    fake_point(tmp_path, "mrpc", "adapter_h", 2e-3, [0.7, 0.84])
+    fake_point(tmp_path, "mrpc", "adapter_h", 4e-3, [0.7, 0.9], finished=False)  # training: not a grid point yet
+    table = lr_selection_table(tmp_path, tmp_path / "tables")
+    rows = [line for line in table.splitlines() if line.startswith("| MRPC")]
+    assert len(rows) == 2 and not any("**" in row for row in rows)
+    assert "Selected among" not in table
 
 
 def test_a_prefix_run_whose_text_was_cut_is_its_own_row_and_never_a_grid_point(tmp_path):
