@@ -114,9 +114,10 @@ def _is_grid(p: GridPoint) -> bool:
 
 
 def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
-    """Per (task, method): the finished seed-0 grid point with the best dev metric."""
+    """Per (task, method): the finished seed-0 grid point with the best dev metric; a tie (two rates with the same
+    number of dev rows right) goes to the lower rate."""
     best: dict[tuple[str, str], GridPoint] = {}
-    for p in filter(_is_grid, points):
+    for p in sorted(filter(_is_grid, points), key=lambda p: p.lr):
         key = (p.task, p.method)
         if p.finished and (key not in best or p.best > best[key].best):
             best[key] = p

@@ -186,6 +186,12 @@ def test_a_baseline_with_a_grid_of_its_own_says_its_rate_was_selected(tmp_path):
     assert table.rstrip().endswith("MRPC adapter_h lr 0.002 (84.0).")
 
 
+def test_a_tie_goes_to_the_lower_rate(tmp_path):
+    for lr in (1e-4, 2e-5, 5e-5):  # folder order (lr0.0001 first) is not the rates' order
+        fake_point(tmp_path, "mrpc", "full", lr, [0.7, 0.8 if lr != 2e-5 else 0.79])
+    assert selected(read_grid(tmp_path))[("mrpc", "full")].lr == 5e-5
+
+
 def test_a_baseline_at_one_rate_is_not_shown_as_selected(tmp_path):
     fake_point(tmp_path, "mrpc", "adapter_h", 2e-3, [0.7, 0.84])
     fake_point(tmp_path, "mrpc", "adapter_h", 4e-3, [0.7, 0.9], finished=False)  # training: not a grid point yet
