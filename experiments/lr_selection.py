@@ -234,7 +234,7 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
     tasks = [t for t in TITLES if any(task == t for task, _ in runs)]
     order = lambda v: (v[0] != "full", v != GRID_VARIANT["lora"], v[0] == "peft", str(v))  # noqa: E731
     variants = sorted({v for _, v in runs}, key=order)
-    chosen = selected(points)
+    chosen, tuned = selected(points), tuned_keys(points)
     finished = {(p.task, p.method, p.lr) for p in points if _is_grid(p) and p.finished}
     unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in GRID_LRS.get(k[1], ()))}
     shared = borrowed_rates(chosen)
@@ -251,7 +251,7 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
         + "; ".join(
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} {p.lr:g}" + (" (grid unfinished)" if (t, m) in unsettled else "")
             for (t, m), p in sorted(chosen.items())
-            if (t, m) in tuned_keys(points)
+            if (t, m) in tuned
         )
         + (
             f"; {', '.join(others)} (no grid of {'its' if len(others) == 1 else 'their'} own): the middle of each "
