@@ -238,3 +238,13 @@ def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
     assert wide.settled is None and level.settled == "the seeds show LoRA within 1"
     assert str(level).endswith("-0.2 to +0.2 (Welch t): the seeds show LoRA within 1")
     assert lr_selection.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) is None
+
+
+def test_a_baseline_is_unsettled_until_its_whole_grid_has_run(tmp_path):
+    for lr, best in ((1e-3, 0.80), (2e-3, 0.78)):
+        fake_point(tmp_path, "mrpc", "adapter_l", lr, [0.7, best])
+    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
+    assert "MRPC adapter_l 0.001 (grid unfinished)" in chosen[0]
+    fake_point(tmp_path, "mrpc", "adapter_l", 4e-3, [0.7, 0.79])
+    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
+    assert "MRPC adapter_l 0.001" in chosen[0] and "unfinished" not in chosen[0]
