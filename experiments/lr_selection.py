@@ -24,7 +24,10 @@ TITLES = {"mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "sst2":
 METHODS = {"lora": "LoRA r=8 α=8 W_q,W_v", "full": "full FT"}
 GRID_VARIANT = {"lora": ("lora", 8, 8.0, ("q", "v")), "full": ("full",)}  # what the grid is run with, per method
 GRID_LRS = {"full": (2e-5, 5e-5, 1e-4), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}  # results/glue_minilm_lrsel/COMMANDS.md
-BASELINE_LRS = (1e-3, 2e-3, 4e-3)  # issue 17's baselines; a rate outside it (BitFit's 8e-3) is an extra grid point
+# Issue 17's baselines: each method's grid (a rate outside it, as BitFit's 8e-3, is an extra grid point). Trained
+# input embeddings want larger rates than adapters, so PreEmbed's grid starts higher.
+BASELINE_LRS = {"prefix_embed": (2e-3, 4e-3, 8e-3)}
+DEFAULT_BASELINE_LRS = (1e-3, 2e-3, 4e-3)
 GRID_TASKS = ("mrpc", "rte", "stsb")  # where each method's rate is selected; other tasks borrow (`borrowed_rates`)
 EPOCHS = 10  # the protocol's schedule (conf/exp/glue_minilm_lrsel.yaml); a run with other epochs is a row of its own
 WITHIN = 1.0  # points: "LoRA matches FT" means its median is at most this far below FT's
@@ -123,6 +126,11 @@ def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
         if p.finished and (key not in best or p.best > best[key].best):
             best[key] = p
     return best
+
+
+def grid_lrs(method: str) -> tuple[float, ...]:
+    """The rates a method's grid must have run before its selected rate is settled."""
+    return GRID_LRS.get(method) or BASELINE_LRS.get(method, DEFAULT_BASELINE_LRS)
 
 
 def tuned_keys(points: list[GridPoint]) -> set[tuple[str, str]]:
@@ -237,7 +245,7 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
     variants = sorted({v for _, v in runs}, key=order)
     chosen, tuned = selected(points), tuned_keys(points)
     finished = {(p.task, p.method, p.lr) for p in points if _is_grid(p) and p.finished}
-    unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in GRID_LRS.get(k[1], BASELINE_LRS))}
+    unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in grid_lrs(k[1]))}
     shared = borrowed_rates(chosen)
     others = [TITLES[t] for t in tasks if t not in GRID_TASKS]
     unsettled |= {(t, m) for t in tasks if t not in GRID_TASKS for m in shared if any(k[1] == m for k in unsettled)}

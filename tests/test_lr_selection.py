@@ -248,3 +248,4 @@ def test_a_baseline_is_unsettled_until_its_whole_grid_has_run(tmp_path):
     fake_point(tmp_path, "mrpc", "adapter_l", 4e-3, [0.7, 0.79])
     chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
     assert "MRPC adapter_l 0.001" in chosen[0] and "unfinished" not in chosen[0]
+    assert lr_selection.grid_lrs("prefix_embed") == (2e-3, 4e-3, 8e-3) and lr_selection.grid_lrs("full")[0] == 2e-5
