@@ -21,6 +21,13 @@ from tests.conftest import save_tiny_bert, write_tiny_mrpc
 from tests.test_train import run_config
 
 TOL = 1e-5
+
+
+def weight_atol(run: str) -> float:
+    """Adam moves an element whose gradient sits near its eps by up to lr a step on float noise alone (summation
+    order differs between a packed and a lone run), so trained weights are compared to 1% of one step at the run's
+    rate (read from the run name's `_lr` tail); a real packing bug moves them by whole steps."""
+    return max(TOL, 1e-2 * float(run.rsplit("_lr", 1)[1]))
 # Three runs: seeds, learning rates, ranks and alphas all differ (run names carry each of them).
 SWEEP = [("0", "1e-2", "2", "4"), ("1", "5e-3", "4", "4"), ("0", "2e-2", "4", "16")]
 RUN = "run=r${lora.r}_a${lora.alpha}_s${seed}_lr${optim.lr}"
@@ -71,7 +78,7 @@ def test_a_packed_sweep_writes_what_separate_runs_write(tiny_bert, tiny_glue, tm
         assert sorted(a) == sorted(b)
         for key in b:  # LoRA A/B at the run's own rank, the scale, the trained head
             assert a[key].shape == b[key].shape, key
-            np.testing.assert_allclose(a[key], b[key], atol=TOL, rtol=0, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(a[key], b[key], atol=weight_atol(name), rtol=0, err_msg=f"{name} {key}")
         for stream in ("metrics", "train"):
             assert_close_records(read_jsonl(ours / f"{stream}.jsonl"), read_jsonl(theirs / f"{stream}.jsonl"), stream)
         mine, alone = (json.loads((d / "summary.json").read_text()) for d in (ours, theirs))
@@ -212,7 +219,7 @@ def test_a_packed_baseline_sweep_writes_what_separate_runs_write(tiny_bert, tiny
             a, b = load_file(ours / file), load_file(theirs / file)
             assert sorted(a) == sorted(b)
             for key in b:
-                np.testing.assert_allclose(a[key], b[key], atol=TOL, rtol=0, err_msg=f"{name} {key}")
+                np.testing.assert_allclose(a[key], b[key], atol=weight_atol(name), rtol=0, err_msg=f"{name} {key}")
     assert {s["method"] for s in summaries} == {method} and all(s["packed_with"] for s in summaries)
     first, second = (load_file(next(d.glob("*/*.safetensors"))) for d in packed.values())
     assert any(not np.array_equal(first[k], second[k]) for k in first)  # two seeds, two rates: the runs differ
