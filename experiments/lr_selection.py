@@ -133,6 +133,20 @@ def grid_lrs(method: str) -> tuple[float, ...]:
     return GRID_LRS.get(method) or BASELINE_LRS.get(method, DEFAULT_BASELINE_LRS)
 
 
+def unfinished_grids(points: list[GridPoint], chosen: dict[tuple[str, str], GridPoint]) -> set[tuple[str, str]]:
+    """The (task, method) pairs whose selected rate is not settled yet: a rate of the method's grid has not
+    finished, or (a baseline) the best rate is the highest one tried, where the protocol doubles the rate again."""
+    finished: dict[tuple[str, str], set[float]] = {}
+    for p in points:
+        if _is_grid(p) and p.finished:
+            finished.setdefault((p.task, p.method), set()).add(p.lr)
+    return {
+        (t, m)
+        for (t, m), p in chosen.items()
+        if not set(grid_lrs(m)) <= finished.get((t, m), set()) or (m not in GRID_LRS and p.lr == max(finished[(t, m)]))
+    }
+
+
 def tuned_keys(points: list[GridPoint]) -> set[tuple[str, str]]:
     """The (task, method) pairs whose rate was selected among several: LoRA and FT always (their grids are the
     protocol), a baseline once two or more of its seed-0 rates have finished on the task (before that its one
@@ -244,8 +258,7 @@ def tuned_section(results_dir: Path, out_dir: Path) -> list[str]:
     order = lambda v: (v[0] != "full", v != GRID_VARIANT["lora"], v[0] == "peft", str(v))  # noqa: E731
     variants = sorted({v for _, v in runs}, key=order)
     chosen, tuned = selected(points), tuned_keys(points)
-    finished = {(p.task, p.method, p.lr) for p in points if _is_grid(p) and p.finished}
-    unsettled = {k for k in chosen if any((*k, lr) not in finished for lr in grid_lrs(k[1]))}
+    unsettled = unfinished_grids(points, chosen)
     shared = borrowed_rates(chosen)
     others = [TITLES[t] for t in tasks if t not in GRID_TASKS]
     unsettled |= {(t, m) for t in tasks if t not in GRID_TASKS for m in shared if any(k[1] == m for k in unsettled)}

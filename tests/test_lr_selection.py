@@ -249,3 +249,15 @@ def test_a_baseline_is_unsettled_until_its_whole_grid_has_run(tmp_path):
     chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
     assert "MRPC adapter_l 0.001" in chosen[0] and "unfinished" not in chosen[0]
     assert lr_selection.grid_lrs("prefix_embed") == (2e-3, 4e-3, 8e-3) and lr_selection.grid_lrs("full")[0] == 2e-5
+
+
+def test_a_baseline_best_at_the_top_rate_tried_is_unsettled_until_the_next_rate_runs(tmp_path):
+    """The protocol extends a baseline's grid upward (x2) while its best rate is the highest one tried."""
+    for lr, best in ((1e-3, 0.75), (2e-3, 0.72), (4e-3, 0.76)):
+        fake_point(tmp_path, "mrpc", "prefix_layer", lr, [0.7, best])
+    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
+    assert "MRPC prefix_layer 0.004 (grid unfinished)" in chosen[0]
+    fake_point(tmp_path, "mrpc", "prefix_layer", 8e-3, [0.7, 0.74])
+    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
+    assert "MRPC prefix_layer 0.004" in chosen[0] and "unfinished" not in chosen[0]
+
