@@ -201,8 +201,8 @@ def test_packed_launcher_runs_a_sweep_as_one_program_with_the_separate_runs_fold
         assert layout <= {p.name for p in (sweep / name).iterdir()}
         assert len(json.loads((sweep / name / "summary.json").read_text())["packed_with"]) == 4
     ours, theirs = sweep / "lora_r4_a8_seed0", reference_run
-    for key, value in latest_state(theirs).items():
-        np.testing.assert_allclose(latest_state(ours)[key], value, atol=1e-5, rtol=0, err_msg=key)
+    for key, value in latest_state(theirs).items():  # 1% of an Adam step at lr 1e-2: see test_sweep.weight_atol
+        np.testing.assert_allclose(latest_state(ours)[key], value, atol=1e-4, rtol=0, err_msg=key)
     losses = lambda d: [r["loss"] for r in read_jsonl(d / "train.jsonl")]  # noqa: E731
     np.testing.assert_allclose(losses(ours), losses(theirs), atol=1e-5, rtol=0)
     assert "Packing 4 jobs into one program" in out + err
