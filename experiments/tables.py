@@ -18,6 +18,7 @@ import hydra
 import yaml
 from aggregate import Group, group_runs, load_summaries
 from analysis_tables import amplification_table, figures_page
+from baseline_reading import baseline_reading
 from lr_selection import lr_selection_table, tuned_section
 from nlg_tables import e2e_table
 from omegaconf import DictConfig
@@ -109,6 +110,7 @@ def glue_minilm(results_dir: Path, out_dir: Path) -> str:
         *_commands_link(results_dir / "glue_minilm", out_dir),
         "",
         *tuned_section(results_dir, out_dir),
+        *baseline_reading(results_dir),
         "",
         "## Untuned protocol: one learning rate per method, the same few epochs for both",
         "",
