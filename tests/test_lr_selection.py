@@ -240,24 +240,25 @@ def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
     assert lr_selection.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) is None
 
 
-def test_a_baseline_is_unsettled_until_its_whole_grid_has_run(tmp_path):
-    for lr, best in ((1e-3, 0.80), (2e-3, 0.78)):
-        fake_point(tmp_path, "mrpc", "adapter_l", lr, [0.7, best])
-    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
-    assert "MRPC adapter_l 0.001 (grid unfinished)" in chosen[0]
-    fake_point(tmp_path, "mrpc", "adapter_l", 4e-3, [0.7, 0.79])
-    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
-    assert "MRPC adapter_l 0.001" in chosen[0] and "unfinished" not in chosen[0]
+@pytest.mark.parametrize(
+    "method, grid, last, pick",
+    [  # a rate of the grid not run yet; then the best at the top rate tried (the protocol doubles it again)
+        ("adapter_l", ((1e-3, 0.80), (2e-3, 0.78)), (4e-3, 0.79), "0.001"),
+        ("prefix_layer", ((1e-3, 0.75), (2e-3, 0.72), (4e-3, 0.76)), (8e-3, 0.74), "0.004"),
+    ],
+)
+def test_a_baseline_is_unsettled_until_its_grid_has_run_and_its_best_is_not_the_top_rate(
+    tmp_path, method, grid, last, pick
+):
+    def selected_line() -> str:
+        return next(line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected"))
+
+    for lr, best in grid:
+        fake_point(tmp_path, "mrpc", method, lr, [0.7, best])
+    assert f"MRPC {method} {pick} (grid unfinished)" in selected_line()
+    fake_point(tmp_path, "mrpc", method, last[0], [0.7, last[1]])
+    assert f"MRPC {method} {pick}" in selected_line() and "unfinished" not in selected_line()
+
+
+def test_each_method_has_its_grid():
     assert lr_selection.grid_lrs("prefix_embed") == (2e-3, 4e-3, 8e-3) and lr_selection.grid_lrs("full")[0] == 2e-5
-
-
-def test_a_baseline_best_at_the_top_rate_tried_is_unsettled_until_the_next_rate_runs(tmp_path):
-    """The protocol extends a baseline's grid upward (x2) while its best rate is the highest one tried."""
-    for lr, best in ((1e-3, 0.75), (2e-3, 0.72), (4e-3, 0.76)):
-        fake_point(tmp_path, "mrpc", "prefix_layer", lr, [0.7, best])
-    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
-    assert "MRPC prefix_layer 0.004 (grid unfinished)" in chosen[0]
-    fake_point(tmp_path, "mrpc", "prefix_layer", 8e-3, [0.7, 0.74])
-    chosen = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("Selected")]
-    assert "MRPC prefix_layer 0.004" in chosen[0] and "unfinished" not in chosen[0]
-
