@@ -133,13 +133,19 @@ def grid_lrs(method: str) -> tuple[float, ...]:
     return GRID_LRS.get(method) or BASELINE_LRS.get(method, DEFAULT_BASELINE_LRS)
 
 
-def unfinished_grids(points: list[GridPoint], chosen: dict[tuple[str, str], GridPoint]) -> set[tuple[str, str]]:
-    """The (task, method) pairs whose selected rate is not settled yet: a rate of the method's grid has not
-    finished, or (a baseline) the best rate is the highest one tried, where the protocol doubles the rate again."""
+def _finished_rates(points: list[GridPoint]) -> dict[tuple[str, str], set[float]]:
+    """(task, method) -> the rates whose seed-0 grid run has finished."""
     finished: dict[tuple[str, str], set[float]] = {}
     for p in points:
         if _is_grid(p) and p.finished:
             finished.setdefault((p.task, p.method), set()).add(p.lr)
+    return finished
+
+
+def unfinished_grids(points: list[GridPoint], chosen: dict[tuple[str, str], GridPoint]) -> set[tuple[str, str]]:
+    """The (task, method) pairs whose selected rate is not settled yet: a rate of the method's grid has not
+    finished, or (a baseline) the best rate is the highest one tried, where the protocol doubles the rate again."""
+    finished = _finished_rates(points)
     return {
         (t, m)
         for (t, m), p in chosen.items()
@@ -151,11 +157,7 @@ def tuned_keys(points: list[GridPoint]) -> set[tuple[str, str]]:
     """The (task, method) pairs whose rate was selected among several: LoRA and FT always (their grids are the
     protocol), a baseline once two or more of its seed-0 rates have finished on the task (before that its one
     rate is a choice, not a selection)."""
-    finished: dict[tuple[str, str], set[float]] = {}
-    for p in filter(_is_grid, points):
-        if p.finished:
-            finished.setdefault((p.task, p.method), set()).add(p.lr)
-    return {key for key, lrs in finished.items() if key[1] in GRID_LRS or len(lrs) > 1}
+    return {key for key, lrs in _finished_rates(points).items() if key[1] in GRID_LRS or len(lrs) > 1}
 
 
 def borrowed_rates(chosen: dict[tuple[str, str], GridPoint]) -> dict[str, float]:
