@@ -97,8 +97,10 @@ def test_seeds_at_the_selected_rate_and_the_computed_verdict(tmp_path):
     assert "provisional: 2 seed(s), not 3" in mrpc
     why = next(line for line in lines if line.startswith("- Why LoRA trails on MRPC (FT 83.0)"))
     assert "under-training: 1 of 2 LoRA seeds peak at the last of 4 epochs (best epochs 3,4⚠)" in why
-    assert ("(best epochs 3,4⚠); LoRA r=8 α=8 q,v, 8 epochs 82.0 (n=1, FT 82.0 on the same seeds: closes it); "
-            "capacity: LoRA r=8 α=16") in why  # seed 0's FT, not the 3-seed median 83.0
+    assert (
+        "(best epochs 3,4⚠); LoRA r=8 α=8 q,v, 8 epochs 82.0 (n=1, FT 82.0 on the same seeds: closes it); "
+        "capacity: LoRA r=8 α=16"
+    ) in why  # seed 0's FT, not the 3-seed median 83.0
     assert "82.0 <sub>n=1, best ep 8⚠ " in rows["| LoRA r=8 α=8 q,v, 8 epochs (tuned lr)"]
     assert not any(line.startswith("- Why LoRA trails on RTE") for line in lines)  # RTE's LoRA is ahead
     rte = next(line for line in lines if line.startswith("- RTE"))
