@@ -61,18 +61,26 @@ def baseline_reading(results_dir: Path) -> list[str]:
     lines, holds, fails, settled = [], [], [], []
     for task, title in TITLES.items():
         lora = runs.get((task, GRID_VARIANT["lora"]))
-        rivals = [m for m in BASELINES if (task, (m,)) in runs and (task, m) in tuned]
+        rivals = sorted(
+            (
+                v[0]
+                for t, v in runs
+                if t == task and len(v) == 1 and v[0].split()[0] in BASELINES and (t, v[0]) in tuned
+            ),
+            key=lambda setting: (list(BASELINES).index(setting.split()[0]), setting),
+        )  # each baseline setting (method and size) with a selected rate, at that rate (its row's variant)
         if not lora or not rivals:
             continue
         parts = []
-        for m in rivals:
-            theirs = runs[(task, (m,))]
+        for setting in rivals:
+            theirs, (method, *size) = runs[(task, (setting,))], setting.split(" ", 1)
+            name = " ".join([BASELINES[method], *size])
             why = [f"{min(len(lora), len(theirs))} seed(s), not 3"] if min(len(lora), len(theirs)) < 3 else []
-            why += ["grid unfinished"] if (task, m) in unsettled else []
+            why += ["grid unfinished"] if (task, setting) in unsettled else []
             text, ok, shows = compare(task, lora, theirs, why)
-            parts.append(f"{BASELINES[m]} {text}")
-            (holds if ok else fails).append(f"{title} {BASELINES[m]}" + ("*" if why else ""))
-            settled += [f"{title} {BASELINES[m]} ({shows})"] if shows else []
+            parts.append(f"{name} {text}")
+            (holds if ok else fails).append(f"{title} {name}" + ("*" if why else ""))
+            settled += [f"{title} {name} ({shows})"] if shows else []
         lines.append(f"- {_side(f'{title}: LoRA q,v', lora)} against " + "; ".join(parts) + ".")
     if not lines:
         return []

@@ -18,7 +18,9 @@ from typing import NamedTuple
 import scipy.stats
 import yaml
 
+from lora_jax.bottleneck import ADAPTER_METHODS
 from lora_jax.data import main_metric
+from lora_jax.prefix import PREFIX_METHODS
 
 TITLES = {"mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "sst2": "SST-2"}
 METHODS = {"lora": "LoRA r=8 α=8 W_q,W_v", "full": "full FT"}
@@ -46,8 +48,15 @@ class GridPoint:
     folder: Path
     finished: bool
     seed: int = 0
-    variant: tuple = ()  # (method,) or ("lora", r, alpha, targets): which row of the tuned table it belongs to
+    variant: tuple = ()  # (setting,) or ("lora", r, alpha, targets): which row of the tuned table it belongs to
     trainable: int = 0  # trainable parameters (summary.json), 0 while the run is unfinished
+    size: str = ""  # a baseline's size ("r=8", "l_p=32 l_i=0"); empty for FT, LoRA (its own grid), BitFit
+
+    @property
+    def setting(self) -> str:
+        """What a learning rate is selected for: the method, with a baseline's size (two adapter widths on one task
+        are two settings, each with its own grid, rate and row)."""
+        return f"{self.method} {self.size}" if self.size else self.method
 
     @property
     def best_epoch(self) -> int:
@@ -83,7 +92,7 @@ def read_grid(results_dir: Path, exp: str = "glue_minilm_lrsel") -> list[GridPoi
             task=cfg["task"], method=cfg["method"], lr=float(cfg["optim"]["lr"]),
             scores=tuple(r[metric] for r in rows), epochs=int(cfg["optim"]["epochs"]), folder=folder,
             finished=summary is not None, seed=int(cfg.get("seed", 0)), variant=_variant(cfg, folder.name),
-            trainable=int(summary.get("trainable_params", 0)) if summary else 0,
+            trainable=int(summary.get("trainable_params", 0)) if summary else 0, size=_size(cfg),
         ))  # fmt: skip
     return points
 
@@ -99,14 +108,26 @@ def _variant(cfg: dict, folder_name: str) -> tuple:
     return _row(cfg, folder_name) + longer
 
 
+def _size(cfg: dict) -> str:
+    """A baseline's size as its run name carries it: an adapter's bottleneck, a prefix method's special tokens."""
+    method, adapter, prefix = cfg["method"], cfg.get("adapter") or {}, cfg.get("prefix") or {}
+    if method in ADAPTER_METHODS and "r" in adapter:
+        return f"r={adapter['r']}"
+    if method in PREFIX_METHODS and "l_p" in prefix:
+        return f"l_p={prefix['l_p']} l_i={prefix.get('l_i', 0)}"
+    return ""
+
+
 def _row(cfg: dict, folder_name: str) -> tuple:
     if cfg["method"] != "lora":
+        size = _size(cfg)
+        setting = f"{cfg['method']} {size}" if size else cfg["method"]
         prefix, max_len = cfg.get("prefix") or {}, cfg.get("data", {}).get("max_len")
         if cfg["method"].startswith("prefix_") and max_len is not None:
             text = int(max_len) - int(prefix.get("l_p", 0)) - int(prefix.get("l_i", 0))
             if text < TEXT_TOKENS:
-                return (cfg["method"], f"text cut at {text} tokens")
-        return (cfg["method"],)
+                return (setting, f"text cut at {text} tokens")
+        return (setting,)
     lora = cfg.get("lora", {})
     kind = "peft" if folder_name.startswith("peft_") else "lora"
     return (kind, int(lora.get("r", 8)), float(lora.get("alpha", 8)), tuple(lora.get("targets", ("q", "v"))))
@@ -114,15 +135,15 @@ def _row(cfg: dict, folder_name: str) -> tuple:
 
 def _is_grid(p: GridPoint) -> bool:
     """Seed 0 of the method's grid setting (LoRA r=8 alpha=8 on q, v): what selects the learning rate."""
-    return p.task in GRID_TASKS and p.seed == 0 and p.variant == GRID_VARIANT.get(p.method, (p.method,))
+    return p.task in GRID_TASKS and p.seed == 0 and p.variant == GRID_VARIANT.get(p.method, (p.setting,))
 
 
 def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
-    """Per (task, method): the finished seed-0 grid point with the best dev metric; a tie (two rates with the same
+    """Per (task, setting): the finished seed-0 grid point with the best dev metric; a tie (two rates with the same
     number of dev rows right) goes to the lower rate."""
     best: dict[tuple[str, str], GridPoint] = {}
     for p in sorted(filter(_is_grid, points), key=lambda p: p.lr):
-        key = (p.task, p.method)
+        key = (p.task, p.setting)
         if p.finished and (key not in best or p.best > best[key].best):
             best[key] = p
     return best
@@ -134,27 +155,28 @@ def grid_lrs(method: str) -> tuple[float, ...]:
 
 
 def _finished_rates(points: list[GridPoint]) -> dict[tuple[str, str], set[float]]:
-    """(task, method) -> the rates whose seed-0 grid run has finished."""
+    """(task, setting) -> the rates whose seed-0 grid run has finished."""
     finished: dict[tuple[str, str], set[float]] = {}
     for p in points:
         if _is_grid(p) and p.finished:
-            finished.setdefault((p.task, p.method), set()).add(p.lr)
+            finished.setdefault((p.task, p.setting), set()).add(p.lr)
     return finished
 
 
 def unfinished_grids(points: list[GridPoint], chosen: dict[tuple[str, str], GridPoint]) -> set[tuple[str, str]]:
-    """The (task, method) pairs whose selected rate is not settled yet: a rate of the method's grid has not
+    """The (task, setting) pairs whose selected rate is not settled yet: a rate of the method's grid has not
     finished, or (a baseline) the best rate is the highest one tried, where the protocol doubles the rate again."""
     finished = _finished_rates(points)
     return {
         (t, m)
         for (t, m), p in chosen.items()
-        if not set(grid_lrs(m)) <= finished.get((t, m), set()) or (m not in GRID_LRS and p.lr == max(finished[(t, m)]))
+        if not set(grid_lrs(p.method)) <= finished.get((t, m), set())
+        or (p.method not in GRID_LRS and p.lr == max(finished[(t, m)]))
     }
 
 
 def tuned_keys(points: list[GridPoint]) -> set[tuple[str, str]]:
-    """The (task, method) pairs whose rate was selected among several: LoRA and FT always (their grids are the
+    """The (task, setting) pairs whose rate was selected among several: LoRA and FT always (their grids are the
     protocol), a baseline once two or more of its seed-0 rates have finished on the task (before that its one
     rate is a choice, not a selection)."""
     return {key for key, lrs in _finished_rates(points).items() if key[1] in GRID_LRS or len(lrs) > 1}
@@ -187,20 +209,20 @@ def lr_selection_table(results_dir: Path, out_dir: Path) -> str:
         "| task | method | lr | best dev | best epoch / run | status |",
         "|---|---|---|---|---|---|",
     ]
-    for p in sorted(points, key=lambda p: (list(TITLES).index(p.task) if p.task in TITLES else 99, p.method, p.lr)):
+    for p in sorted(points, key=lambda p: (list(TITLES).index(p.task) if p.task in TITLES else 99, p.setting, p.lr)):
         score = f"{100 * p.best:.1f}"
-        if chosen.get((p.task, p.method)) is p and (p.task, p.method) in tuned:
+        if chosen.get((p.task, p.setting)) is p and (p.task, p.setting) in tuned:
             score = f"**{score}**"
         last = f" {p.epoch_mark}" if p.finished and p.epoch_mark else ""
         status = "finished" if p.finished else f"training ({len(p.scores)}/{p.epochs} epochs)"
         link = f"[{p.lr:g}]({os.path.relpath(p.folder, out_dir)})"
-        lines.append(f"| {TITLES.get(p.task, p.task)} | {METHODS.get(p.method, p.method)} | {link} | {score} | "
+        lines.append(f"| {TITLES.get(p.task, p.task)} | {METHODS.get(p.setting, p.setting)} | {link} | {score} | "
                      f"{p.best_epoch + 1}{last} / {len(p.scores)} | {status} |")  # fmt: skip
     if not points:
         lines.append("| - | - | - | no run has evaluated yet | - | - |")
     picks = {key: p for key, p in sorted(chosen.items()) if key in tuned}  # a baseline at one lr: nothing selected
     if picks:
-        training = {key: sum(not p.finished for p in points if (p.task, p.method) == key) for key in picks}
+        training = {key: sum(not p.finished for p in points if (p.task, p.setting) == key) for key in picks}
         caveat = "a grid point still training, or not started, can still win"
         lines += ["", f"Selected among finished runs ({caveat}): " + "; ".join(
             f"{TITLES.get(t, t)} {METHODS.get(m, m)} lr {p.lr:g} ({100 * p.best:.1f})"
@@ -232,9 +254,9 @@ def tuned_runs(points: list[GridPoint]) -> dict[tuple[str, tuple], list[GridPoin
     shared = borrowed_rates(chosen)
     runs: dict[tuple[str, tuple], list[GridPoint]] = {}
     for p in points:
-        pick = chosen[(p.task, p.method)].lr if (p.task, p.method) in chosen else None
-        rate = pick if p.task in GRID_TASKS else shared.get(p.method)
-        if p.method not in GRID_LRS and p.variant != (p.method,):  # a baseline row off the grid: at the rate it ran
+        pick = chosen[(p.task, p.setting)].lr if (p.task, p.setting) in chosen else None
+        rate = pick if p.task in GRID_TASKS else shared.get(p.setting)
+        if p.method not in GRID_LRS and p.variant != (p.setting,):  # a baseline row off the grid: at the rate it ran
             rate = p.lr
         if p.finished and rate is not None and p.lr == rate:
             runs.setdefault((p.task, p.variant), []).append(p)

@@ -39,6 +39,11 @@ def test_the_claim_is_read_per_baseline_with_its_seeds_interval(tmp_path):
         fake_point(tmp_path, "mrpc", "adapter_l", lr, [0.6, 0.70], trainable=229_346)
     fake_point(tmp_path, "mrpc", "adapter_l", 4e-3, [0.6, 0.75], trainable=229_346)
     fake_point(tmp_path, "mrpc", "bitfit", 4e-3, [0.6, 0.9], trainable=174_338)  # one rate: not tuned, left out
+    prefix = {"prefix": {"l_p": 32, "l_i": 0}, "data": {"max_len": 160}}
+    for lr, best in ((1e-3, 0.70), (2e-3, 0.79)):  # PreLayer: tuned, best at the top rate; and a run with cut text
+        fake_point(tmp_path, "mrpc", "prefix_layer", lr, [0.6, best], trainable=222_338, extra=prefix)
+    cut = {**prefix, "data": {"max_len": 128}}
+    fake_point(tmp_path, "mrpc", "prefix_layer", 2e-3, [0.6, 0.9], extra=cut, name="cut", trainable=222_338)
     lines = baseline_reading(tmp_path)
     (mrpc,) = [line for line in lines if line.startswith("- MRPC")]
     assert mrpc.startswith("- MRPC: LoRA q,v 80.0 (n=3 79.9–80.1, 222,338 trainable) against ")
@@ -46,8 +51,10 @@ def test_the_claim_is_read_per_baseline_with_its_seeds_interval(tmp_path):
     assert "the seeds show LoRA behind by more than 1)" in mrpc
     assert "Adapter^L 75.0 (n=1, 229,346 trainable): LoRA +5.0, 20 dev rows (1 seed(s), not 3; grid unfinished)" in mrpc
     assert "BitFit" not in mrpc
-    assert ("holds against MRPC Adapter^L* and fails against MRPC Adapter^H; * provisional" in lines[-1]
-            and "settle MRPC Adapter^H (behind)" in lines[-1])  # fmt: skip
+    assert "PreLayer l_p=32 l_i=0 79.0 (n=1, 222,338 trainable): LoRA +1.0" in mrpc and "90.0" not in mrpc
+    claim = lines[-1]
+    assert "holds against MRPC Adapter^L*, MRPC PreLayer l_p=32 l_i=0* and fails against MRPC Adapter^H; *" in claim
+    assert "settle MRPC Adapter^H (behind)" in claim
 
 
 def test_nothing_to_read_without_lora_or_a_tuned_baseline(tmp_path):

@@ -211,11 +211,11 @@ def test_a_prefix_run_whose_text_was_cut_is_its_own_row_and_never_a_grid_point(t
         tmp_path, "mrpc", "prefix_layer", 2e-3, [0.70, 0.74], extra={**prefix, "data": {"max_len": 128}}, name="old_cut"
     )  # before text_plus_special: 96 text tokens
     fake_point(tmp_path, "mrpc", "prefix_layer", 1e-2, [0.72, 0.73], extra={**prefix, "data": {"max_len": 160}})
-    assert ("mrpc", "prefix_layer") in selected(read_grid(tmp_path))
-    assert selected(read_grid(tmp_path))[("mrpc", "prefix_layer")].lr == 1e-2  # the cut run is not a grid point
+    setting = ("mrpc", "prefix_layer l_p=32 l_i=0")  # a baseline's rate is selected per method and size
+    assert selected(read_grid(tmp_path))[setting].lr == 1e-2  # the cut run is not a grid point
     table = "\n".join(tuned_section(tmp_path, tmp_path / "tables"))
-    assert "| prefix_layer, text cut at 96 tokens (one lr: 0.002, not tuned) |" in table
-    assert "| prefix_layer (one lr: 0.01, not tuned) |" in table
+    assert "| prefix_layer l_p=32 l_i=0, text cut at 96 tokens (one lr: 0.002, not tuned) |" in table
+    assert "| prefix_layer l_p=32 l_i=0 (one lr: 0.01, not tuned) |" in table
 
 
 def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
@@ -264,3 +264,16 @@ def test_a_baseline_is_unsettled_until_its_grid_has_run_and_its_best_is_not_the_
 
 def test_each_method_has_its_grid():
     assert lr_selection.grid_lrs("prefix_embed") == (2e-3, 4e-3, 8e-3) and lr_selection.grid_lrs("full")[0] == 2e-5
+
+
+def test_two_sizes_of_a_baseline_are_two_settings_each_with_its_grid_rate_and_row(tmp_path):
+    for r, rates in ((8, {1e-3: 0.80, 2e-3: 0.84, 4e-3: 0.78}), (64, {1e-3: 0.86, 2e-3: 0.70, 4e-3: 0.75})):
+        for lr, best in rates.items():
+            fake_point(tmp_path, "mrpc", "adapter_h", lr, [0.7, best], extra={"adapter": {"r": r}},
+                       name=f"adapter_h_r{r}_seed0_lr{lr:g}")  # fmt: skip
+    chosen = selected(read_grid(tmp_path))
+    assert chosen[("mrpc", "adapter_h r=8")].lr == 2e-3 and chosen[("mrpc", "adapter_h r=64")].lr == 1e-3
+    rows = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("| adapter_h")]
+    assert [row.split(" (")[0] for row in rows] == ["| adapter_h r=64", "| adapter_h r=8"]
+    assert "84.0" in rows[1] and "86.0" in rows[0]
+
