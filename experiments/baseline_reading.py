@@ -13,14 +13,13 @@ from lr_selection import (
     TITLES,
     WITHIN,
     GridPoint,
-    median_best,
     read_grid,
-    seed_interval,
     selected,
     tuned_keys,
     tuned_runs,
     unfinished_grids,
 )
+from tuned_table import median_best, seed_interval
 
 BASELINES = {
     "adapter_h": "Adapter^H", "adapter_l": "Adapter^L", "adapter_p": "Adapter^P", "adapter_d": "Adapter^D",

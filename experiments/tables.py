@@ -19,10 +19,11 @@ import yaml
 from aggregate import Group, group_runs, load_summaries
 from analysis_tables import amplification_table, figures_page
 from baseline_reading import baseline_reading
-from lr_selection import lr_selection_table, tuned_section
+from lr_selection import lr_selection_table
 from nlg_tables import e2e_table
 from omegaconf import DictConfig
 from param_counts import param_counts_table
+from tuned_table import tuned_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_TITLES = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "qqp": "QQP",

@@ -1,6 +1,6 @@
-"""experiments/lr_selection.py on fake run folders: the best epoch per grid point, the selected lr per method,
-the under-training flag, runs still training never selected, and the seeds at the selected rate with their
-computed verdict."""
+"""experiments/lr_selection.py and tuned_table.py on fake run folders: the best epoch per grid point, the selected
+lr per setting, the under-training flag, runs still training never selected, and the seeds at the selected rate
+with their computed verdict."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import lr_selection  # noqa: E402
-from lr_selection import lr_selection_table, read_grid, selected, tuned_section  # noqa: E402
+import tuned_table  # noqa: E402
+from lr_selection import lr_selection_table, read_grid, selected  # noqa: E402
+from tuned_table import tuned_section  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -228,18 +230,18 @@ def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
             fake_point(tmp_path / task, task, method, 1e-3 if method == "lora" else 5e-5, [s], seed=seed)
         return [p for p in read_grid(tmp_path / task) if p.method == method]
 
-    wide = lr_selection.seed_interval(runs("a", "lora", [0.53, 0.52, 0.54]), runs("a", "full", [0.56, 0.55, 0.57]))
+    wide = tuned_table.seed_interval(runs("a", "lora", [0.53, 0.52, 0.54]), runs("a", "full", [0.56, 0.55, 0.57]))
     assert str(wide) == "; mean gap's 95% CI over seeds -5.3 to -0.7 (Welch t): too few seeds to settle it either way"
-    tight = lr_selection.seed_interval(
+    tight = tuned_table.seed_interval(
         runs("b", "lora", [0.530, 0.529, 0.531]), runs("b", "full", [0.560, 0.559, 0.561])
     )
     assert "-3.2 to -2.8 (Welch t): the seeds show LoRA trails by more than 1" in str(tight)
-    level = lr_selection.seed_interval(
+    level = tuned_table.seed_interval(
         runs("c", "lora", [0.560, 0.559, 0.561]), runs("c", "full", [0.560, 0.559, 0.561])
     )
     assert wide.settled is None and level.settled == "the seeds show LoRA within 1"
     assert str(level).endswith("-0.2 to +0.2 (Welch t): the seeds show LoRA within 1")
-    assert lr_selection.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) is None
+    assert tuned_table.seed_interval(runs("d", "lora", [0.5]), runs("d", "full", [0.6, 0.7])) is None
 
 
 @pytest.mark.parametrize(
