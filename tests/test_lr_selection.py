@@ -42,7 +42,8 @@ def fake_point(results: Path, task: str, method: str, lr: float, scores: list[fl
     rows = [{"epoch": e, metric: s} for e, s in enumerate(scores)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
-        summary = {"main_metric": metric, "best": max(scores), "trainable_params": trainable}
+        summary = {"main_metric": metric, "best": max(scores), "trainable_params": trainable, "seed": seed,
+                   "method": method, "task": task, "run": name, "exp": "glue_minilm_lrsel"}  # fmt: skip
         (folder / "summary.json").write_text(json.dumps(summary))
 
 

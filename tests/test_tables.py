@@ -203,6 +203,34 @@ def test_scaling_figure_lists_each_method_by_size_and_draws_one_curve_each(tmp_p
     assert "no run yet" in scaling_figure(tmp_path / "empty", out)
 
 
+def test_the_glue_protocols_tuned_stsb_seeds_are_figure2_points(tmp_path, monkeypatch):
+    """LoRA r=8 and a tuned baseline from `+exp=glue_minilm_lrsel` on STS-B join the scaling sweep's points, at the
+    selected rate only; a baseline run at one rate (not selected) and another task do not."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import lr_selection
+    from tables import scaling_figure
+
+    from tests.test_lr_selection import fake_point
+
+    monkeypatch.setattr(lr_selection, "EPOCHS", 4)  # fake_point's runs train 4 epochs
+    for lr in (5e-4, 1e-3, 2e-3, 4e-3):
+        fake_point(tmp_path, "stsb", "lora", lr, [0.5, 0.85 if lr == 1e-3 else 0.8], trainable=221_953)
+    fake_point(tmp_path, "stsb", "lora", 1e-3, [0.5, 0.87], seed=1, trainable=221_953)
+    fake_point(tmp_path, "mrpc", "lora", 1e-3, [0.5, 0.80], trainable=222_338)
+    adapter = {"adapter": {"r": 8}}
+    for lr, best in ((1e-3, 0.84), (2e-3, 0.83), (4e-3, 0.82)):
+        fake_point(tmp_path, "stsb", "adapter_h", lr, [0.5, best], trainable=236_641, extra=adapter,
+                   name=f"adapter_h_r8_seed0_lr{lr:g}")  # fmt: skip
+    fake_point(tmp_path, "stsb", "adapter_l", 1e-3, [0.5, 0.9], extra={"adapter": {"r": 16}})  # one rate
+    out = tmp_path / "tables"
+    out.mkdir()
+    rows = [line for line in scaling_figure(tmp_path, out).splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| LoRA | r=8 | 221,953 | STS-B | 86.0 <sub>n=2 85.0–87.0")
+    assert rows[0].endswith("| glue_minilm_lrsel |") and "lr0.001" in rows[0] and "lr0.002" not in rows[0]
+    assert rows[1].startswith("| Adapter^H | r=8 | 236,641 | STS-B | 84.0 <sub>n=1")
+
+
 def fake_e2e_run(results: Path, run: str, method: str, bleu: float, trainable: int, mrs: int, paper_rule: bool,
                  extra: dict) -> None:  # fmt: skip
     folder = results / "e2e_smollm2" / "e2e" / run
