@@ -163,13 +163,14 @@ def _finished_rates(points: list[GridPoint]) -> dict[tuple[str, str], set[float]
 
 def unfinished_grids(points: list[GridPoint], chosen: dict[tuple[str, str], GridPoint]) -> set[tuple[str, str]]:
     """The (task, setting) pairs whose selected rate is not settled yet: a rate of the method's grid has not
-    finished, or (a baseline) the best rate is the highest one tried, where the protocol doubles the rate again."""
+    finished, or (a baseline) the best rate is the highest or the lowest one tried, where the protocol doubles or
+    halves the rate again until the best has a worse rate on either side."""
     finished = _finished_rates(points)
     return {
         (t, m)
         for (t, m), p in chosen.items()
         if not set(grid_lrs(p.method)) <= finished.get((t, m), set())
-        or (p.method not in GRID_LRS and p.lr == max(finished[(t, m)]))
+        or (p.method not in GRID_LRS and p.lr in (min(finished[(t, m)]), max(finished[(t, m)])))
     }
 
 

@@ -247,9 +247,10 @@ def test_seed_interval_says_whether_the_seeds_settle_the_verdict(tmp_path):
 
 @pytest.mark.parametrize(
     "method, grid, last, pick",
-    [  # a rate of the grid not run yet; then the best at the top rate tried (the protocol doubles it again)
-        ("adapter_l", ((1e-3, 0.80), (2e-3, 0.78)), (4e-3, 0.79), "0.001"),
+    [  # a rate of the grid not run yet; the best at the top rate tried (doubled again); at the lowest (halved)
+        ("adapter_l", ((1e-3, 0.78), (2e-3, 0.80)), (4e-3, 0.79), "0.002"),
         ("prefix_layer", ((1e-3, 0.75), (2e-3, 0.72), (4e-3, 0.76)), (8e-3, 0.74), "0.004"),
+        ("adapter_h", ((1e-3, 0.80), (2e-3, 0.78), (4e-3, 0.79)), (5e-4, 0.77), "0.001"),
     ],
 )
 def test_a_baseline_is_unsettled_until_its_grid_has_run_and_its_best_is_not_the_top_rate(
@@ -279,4 +280,3 @@ def test_two_sizes_of_a_baseline_are_two_settings_each_with_its_grid_rate_and_ro
     rows = [line for line in tuned_section(tmp_path, tmp_path / "tables") if line.startswith("| adapter_h")]
     assert [row.split(" (")[0] for row in rows] == ["| adapter_h r=64", "| adapter_h r=8"]
     assert "84.0" in rows[1] and "86.0" in rows[0]
-
