@@ -41,12 +41,14 @@ def compare(task: str, lora: list[GridPoint], theirs: list[GridPoint], why: list
     interval = seed_interval(lora, theirs)
     shows = ""
     if interval is not None:
-        shows = "within" if interval.low >= -WITHIN else "behind" if interval.high < -WITHIN else ""
-        verdict = {
-            "within": f"the seeds show LoRA within {WITHIN:g} or ahead",
-            "behind": f"the seeds show LoRA behind by more than {WITHIN:g}",
-        }.get(shows, f"LoRA behind, the seeds cannot tell whether by more than {WITHIN:g}" if interval.high < 0
-              else "the seeds cannot tell")  # fmt: skip
+        if interval.low >= -WITHIN:
+            shows, verdict = "within", f"the seeds show LoRA within {WITHIN:g} or ahead"
+        elif interval.high < -WITHIN:
+            shows, verdict = "behind", f"the seeds show LoRA behind by more than {WITHIN:g}"
+        elif interval.high < 0:
+            verdict = f"LoRA behind, the seeds cannot tell whether by more than {WITHIN:g}"
+        else:
+            verdict = "the seeds cannot tell"
         why = [f"95% CI {interval.low:+.1f} to {interval.high:+.1f}: {verdict}", *why]
     note = f" ({'; '.join(why)})" if why else ""
     return f"{_side('', theirs).strip()}: LoRA {gap:+.1f}{rows}{note}", gap >= -WITHIN, shows
@@ -61,19 +63,15 @@ def baseline_reading(results_dir: Path) -> list[str]:
     for task, title in TITLES.items():
         lora = runs.get((task, GRID_VARIANT["lora"]))
         rivals = sorted(
-            (
-                v[0]
-                for t, v in runs
-                if t == task and len(v) == 1 and v[0].split()[0] in BASELINES and (t, v[0]) in tuned
-            ),
-            key=lambda setting: (list(BASELINES).index(setting.split()[0]), setting),
-        )  # each baseline setting (method and size) with a selected rate, at that rate (its row's variant)
+            (ps for (t, _), ps in runs.items() if t == task and ps[0].method in BASELINES and ps[0].on_grid
+             and (t, ps[0].setting) in tuned),
+            key=lambda ps: (list(BASELINES).index(ps[0].method), ps[0].setting),
+        )  # each baseline setting (method and size) with a selected rate: its seeds at that rate  # fmt: skip
         if not lora or not rivals:
             continue
         parts = []
-        for setting in rivals:
-            theirs, (method, *size) = runs[(task, (setting,))], setting.split(" ", 1)
-            name = " ".join([BASELINES[method], *size])
+        for theirs in rivals:
+            setting, name = theirs[0].setting, " ".join(filter(None, [BASELINES[theirs[0].method], theirs[0].size]))
             why = [f"{min(len(lora), len(theirs))} seed(s), not 3"] if min(len(lora), len(theirs)) < 3 else []
             why += ["grid unfinished"] if (task, setting) in unsettled else []
             text, ok, shows = compare(task, lora, theirs, why)

@@ -57,6 +57,12 @@ class GridPoint:
         return f"{self.method} {self.size}" if self.size else self.method
 
     @property
+    def on_grid(self) -> bool:
+        """Run at its method's grid setting (LoRA r=8 α=8 on q, v; a baseline's own size, whole text, EPOCHS), not
+        a side row such as a cut-text or a longer-schedule run."""
+        return self.variant == GRID_VARIANT.get(self.method, (self.setting,))
+
+    @property
     def best_epoch(self) -> int:
         return max(range(len(self.scores)), key=self.scores.__getitem__)
 
@@ -133,7 +139,7 @@ def _row(cfg: dict, folder_name: str) -> tuple:
 
 def is_grid(p: GridPoint) -> bool:
     """Seed 0 of the method's grid setting (LoRA r=8 alpha=8 on q, v): what selects the learning rate."""
-    return p.task in GRID_TASKS and p.seed == 0 and p.variant == GRID_VARIANT.get(p.method, (p.setting,))
+    return p.task in GRID_TASKS and p.seed == 0 and p.on_grid
 
 
 def selected(points: list[GridPoint]) -> dict[tuple[str, str], GridPoint]:
@@ -239,7 +245,7 @@ def tuned_runs(points: list[GridPoint]) -> dict[tuple[str, tuple], list[GridPoin
     for p in points:
         pick = chosen[(p.task, p.setting)].lr if (p.task, p.setting) in chosen else None
         rate = pick if p.task in GRID_TASKS else shared.get(p.setting)
-        if p.method not in GRID_LRS and p.variant != (p.setting,):  # a baseline row off the grid: at the rate it ran
+        if p.method not in GRID_LRS and not p.on_grid:  # a baseline row off the grid: at the rate it ran
             rate = p.lr
         if p.finished and rate is not None and p.lr == rate:
             runs.setdefault((p.task, p.variant), []).append(p)

@@ -307,16 +307,14 @@ def tuned_points(results_dir: Path, task: str = "stsb") -> list[Group]:
     """The GLUE protocol's seeds on `task` at each setting's selected rate (`+exp=glue_minilm_lrsel`: LoRA r=8 α=8 on
     q, v; a baseline at its grid's size) as Figure 2 points: the same schedule, batch and text budget as
     `+exp=scaling_minilm`, so the scaling sweep need not rerun those sizes."""
-    from lr_selection import GRID_VARIANT, read_grid, tuned_keys, tuned_runs
+    from lr_selection import read_grid, tuned_keys, tuned_runs
 
     points = read_grid(results_dir)
     tuned = tuned_keys(points)
     summaries = {s["folder"]: s for s in load_summaries(results_dir, "glue_minilm_lrsel")}
     groups = []
-    for (t, variant), runs in sorted(tuned_runs(points).items()):
-        method = runs[0].method
-        at_grid = variant == GRID_VARIANT.get(method, (runs[0].setting,))  # not a cut-text or longer-schedule row
-        if t == task and method in SCALING and at_grid and (t, runs[0].setting) in tuned:
+    for (t, _), runs in sorted(tuned_runs(points).items()):
+        if t == task and runs[0].method in SCALING and runs[0].on_grid and (t, runs[0].setting) in tuned:
             name = os.path.basename(str(runs[0].folder)).replace(f"_seed{runs[0].seed}", "")
             groups.append(Group("glue_minilm_lrsel", t, name, tuple(summaries[str(p.folder)] for p in runs)))
     return groups
